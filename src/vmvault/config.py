@@ -1,0 +1,116 @@
+"""Where vmvault keeps its state, and on which ports it listens.
+
+Everything lives under one folder, ``$VMVAULT_HOME`` (default ``~/.vmvault``)::
+
+    vmvault.db        the catalog (SQLite)
+    stack.json        ports and pids of the running stack (written by 'vmvault up')
+    pool/             the local disk store (an XFS loop mount when root on ext4)
+    pool.img          the XFS image behind pool/, when one was made
+    vaults/<id>/      vault repositories (the local vault backend)
+    keys/<vault>.key  key files that open the vaults' master keys
+    vms/<rg>/<vm>/    lab guests: mount points of their disks
+    logs/             server, worker and Blob endpoint logs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
+DEFAULT_API_PORT = 47080
+DEFAULT_BLOB_PORT = 47081
+
+
+def home() -> Path:
+    value = os.environ.get("VMVAULT_HOME")
+    path = Path(value) if value else Path.home() / ".vmvault"
+    return path.expanduser().resolve()
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "vmvault.db"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.root / "stack.json"
+
+    @property
+    def pool(self) -> Path:
+        return self.root / "pool"
+
+    @property
+    def pool_image(self) -> Path:
+        return self.root / "pool.img"
+
+    @property
+    def vaults(self) -> Path:
+        return self.root / "vaults"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def vms(self) -> Path:
+        return self.root / "vms"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def ensure(self) -> Paths:
+        for p in (self.root, self.pool, self.vaults, self.keys, self.vms, self.logs):
+            p.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.keys, 0o700)
+        return self
+
+
+def paths() -> Paths:
+    return Paths(home())
+
+
+@dataclass
+class StackInfo:
+    """What 'vmvault up' started: read by the CLI to find the server."""
+
+    api_url: str
+    blob_url: str
+    server_pid: int = 0
+    blob_pid: int = 0
+    pool: dict[str, object] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> StackInfo | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return cls(**data)
+
+
+def api_url() -> str:
+    """The server's URL: $VMVAULT_API_URL, else what 'vmvault up' recorded, else the default."""
+    env = os.environ.get("VMVAULT_API_URL")
+    if env:
+        return env.rstrip("/")
+    info = StackInfo.load(paths().stack_file)
+    if info:
+        return info.api_url
+    return f"http://127.0.0.1:{DEFAULT_API_PORT}"
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

@@ -1,0 +1,241 @@
+"""The error catalog: every error a user can meet, with its code, message and action.
+
+One entry per situation. Codes follow Azure Backup's where Azure's are known
+(see ../shared/spec/troubleshooting.md), so that a search for an Azure code
+finds the same meaning here. Raise :class:`VmvaultError` with an entry; the CLI
+and the REST API render it the same way (``code``, ``message``, ``action``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorEntry:
+    code: str
+    message: str  # may hold {placeholders} filled from the raise site
+    action: str
+    http_status: int = 400
+    row: str = ""  # the troubleshooting row (B8, R6, ...) this entry answers, if any
+
+
+CATALOG: dict[str, ErrorEntry] = {}
+
+
+def _entry(code: str, message: str, action: str, http_status: int = 400, row: str = "") -> ErrorEntry:
+    entry = ErrorEntry(code, message, action, http_status, row)
+    CATALOG[code] = entry
+    return entry
+
+
+# --- generic ---------------------------------------------------------------
+RESOURCE_NOT_FOUND = _entry(
+    "ResourceNotFound",
+    "The {kind} '{name}' was not found.",
+    "Check the name and the resource group; list what exists with the matching 'list' command.",
+    404,
+)
+RESOURCE_EXISTS = _entry(
+    "ResourceAlreadyExists",
+    "The {kind} '{name}' already exists.",
+    "Choose another name, or delete the existing one first.",
+    409,
+)
+INVALID_ARGUMENT = _entry(
+    "InvalidArgumentValue",
+    "Invalid value for {field}: {reason}",
+    "Correct the value and run the command again (see --help).",
+    400,
+)
+RESOURCE_IN_USE = _entry(
+    "ResourceInUse",
+    "The {kind} '{name}' is still in use: {reason}",
+    "Remove what uses it first, then retry.",
+    409,
+)
+SERVER_UNREACHABLE = _entry(
+    "ServerUnreachable",
+    "The vmvault server at {url} is not reachable.",
+    "Start the local stack with 'vmvault up' (see 'vmvault status').",
+    503,
+)
+INTERNAL_ERROR = _entry(
+    "InternalError",
+    "An internal error occurred: {reason}",
+    "Retry; if it happens again, report it with the server log ($VMVAULT_HOME/logs/server.log).",
+    500,
+)
+NOT_ROOT = _entry(
+    "UserErrorNotRoot",
+    "{what} needs root (loop devices, mounts, fsfreeze).",
+    "Run vmvault as root, or go on without it: disks stay unmounted, backups are crash-consistent.",
+    400,
+)
+
+# --- fabric ------------------------------------------------------------------
+VM_NOT_FOUND = _entry(
+    "UserErrorVmNotFound",
+    "The VM '{name}' no longer exists.",
+    "Stop protection and retain data, or recreate the VM with the same name in the same "
+    "resource group.",
+    404,
+    row="B1",
+)
+VM_NOT_IN_DESIRABLE_STATE = _entry(
+    "UserErrorVmNotInDesirableState",
+    "The VM '{name}' is in a state that does not allow this operation ({state}).",
+    "Wait until the VM's state change completes, then retry.",
+    409,
+    row="B12",
+)
+VM_PROVISIONING_FAILED = _entry(
+    "UserErrorVmProvisioningStateFailed",
+    "The VM '{name}' is in a failed provisioning state.",
+    "Check the extension list, remove the failed extension and restart the VM; restart the "
+    "VM agent if all extensions are fine.",
+    409,
+    row="B3",
+)
+STORAGE_ACCOUNT_NOT_ONLINE = _entry(
+    "UserErrorStorageAccountNotOnline",
+    "The storage account '{name}' is not online.",
+    "Check that the storage account is online, or choose another one.",
+    409,
+    row="R8",
+)
+STORAGE_ACCOUNT_FULL = _entry(
+    "UserErrorStorageAccountQuotaExceeded",
+    "The storage account '{name}' does not have room for {needed} bytes ({free} free).",
+    "Free space in the storage account, raise its capacity, or choose another one.",
+    409,
+)
+STORAGE_REGION_MISMATCH = _entry(
+    "UserErrorStorageAccountLocationMismatch",
+    "The storage account '{name}' is in '{account_location}', the vault in '{vault_location}'.",
+    "Choose a storage account in the vault's region.",
+    400,
+    row="R6",
+)
+STORAGE_TYPE_NOT_SUPPORTED = _entry(
+    "UserErrorStorageAccountTypeNotSupported",
+    "The storage account '{name}' has type {sku}, which restore does not support.",
+    "Choose a standard storage account with locally or geo-redundant replication "
+    "(Standard_LRS or Standard_GRS).",
+    400,
+    row="R7",
+)
+
+# --- backup ------------------------------------------------------------------
+OPERATION_IN_PROGRESS = _entry(
+    "UserErrorBackupOperationInProgress",
+    "Another operation is in progress on '{name}' (job {job_id}).",
+    "Wait for the running job to finish, then retry.",
+    409,
+    row="B8",
+)
+NOT_PROTECTED = _entry(
+    "UserErrorItemNotProtected",
+    "The VM '{name}' is not protected by vault '{vault}'.",
+    "Enable protection first: vmvault backup protection enable-for-vm.",
+    404,
+)
+ALREADY_PROTECTED = _entry(
+    "UserErrorVmAlreadyProtected",
+    "The VM '{name}' is already protected by vault '{vault}'.",
+    "Use the existing protected item, or stop its protection first.",
+    409,
+)
+BACKUP_INTERNAL = _entry(
+    "BackUpOperationFailed",
+    "The backup failed with an internal error: {reason}",
+    "Retry in a few minutes.",
+    500,
+    row="B10",
+)
+RESTORE_FAILED = _entry(
+    "UserErrorRestoreFailed",
+    "The restore failed: {reason}",
+    "Check the target storage account, then retry; if the recovery point is damaged, "
+    "choose another.",
+    500,
+)
+
+# --- vault -------------------------------------------------------------------
+VAULT_WRONG_PASSWORD = _entry(
+    "UserErrorVaultKeyIncorrect",
+    "The password or key file does not open vault '{name}'.",
+    "Give the password or key file the vault was created with.",
+    403,
+)
+VAULT_CORRUPT = _entry(
+    "UserErrorVaultDataCorrupted",
+    "Vault data is damaged: {reason}",
+    "Run 'vmvault backup vault check --read-data' to see what is affected; restore from "
+    "another recovery point.",
+    500,
+)
+VAULT_FORMAT_UNSUPPORTED = _entry(
+    "UserErrorVaultFormatUnsupported",
+    "The vault at {path} has format version {version}, which this vmvault does not read.",
+    "Use a vmvault release that supports this format version.",
+    400,
+)
+VAULT_NOT_EMPTY = _entry(
+    "UserErrorVaultNotEmpty",
+    "The vault '{name}' still holds protected items or recovery points.",
+    "Stop protection with --delete-backup-data for each item first.",
+    409,
+)
+
+
+class VmvaultError(Exception):
+    """A catalog error with its placeholders filled in."""
+
+    def __init__(self, entry: ErrorEntry, **fields: Any) -> None:
+        self.entry = entry
+        self.fields = fields
+        try:
+            message = entry.message.format(**fields)
+        except (KeyError, IndexError):
+            message = entry.message
+        self.message = message
+        super().__init__(f"({entry.code}) {message}")
+
+    @property
+    def code(self) -> str:
+        return self.entry.code
+
+    @property
+    def action(self) -> str:
+        return self.entry.action
+
+    @property
+    def http_status(self) -> int:
+        return self.entry.http_status
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "action": self.action}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], http_status: int | None = None) -> VmvaultError:
+        """Rebuild an error received from the REST API (or a job's error details)."""
+        code = str(data.get("code", "InternalError"))
+        known = CATALOG.get(code)
+        entry = ErrorEntry(
+            code,
+            str(data.get("message", "")),
+            str(data.get("action") or (known.action if known else "")),
+            http_status or (known.http_status if known else 500),
+            known.row if known else "",
+        )
+        return cls(entry)
+
+
+def not_found(kind: str, name: str) -> VmvaultError:
+    return VmvaultError(RESOURCE_NOT_FOUND, kind=kind, name=name)
+
+
+def invalid(field: str, reason: str) -> VmvaultError:
+    return VmvaultError(INVALID_ARGUMENT, field=field, reason=reason)
