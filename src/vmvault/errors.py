@@ -24,7 +24,8 @@ class ErrorEntry:
 CATALOG: dict[str, ErrorEntry] = {}
 
 
-def _entry(code: str, message: str, action: str, http_status: int = 400, row: str = "") -> ErrorEntry:
+def _entry(code: str, message: str, action: str, http_status: int = 400,
+           row: str = "") -> ErrorEntry:
     entry = ErrorEntry(code, message, action, http_status, row)
     CATALOG[code] = entry
     return entry
@@ -239,3 +240,31 @@ def not_found(kind: str, name: str) -> VmvaultError:
 
 def invalid(field: str, reason: str) -> VmvaultError:
     return VmvaultError(INVALID_ARGUMENT, field=field, reason=reason)
+
+
+# --- storage (disk store and Blob endpoint; codes are Azure Blob's own) -------
+BLOB_SNAPSHOTS_PRESENT = _entry(
+    "SnapshotsPresent",
+    "This operation is not permitted because the blob '{name}' has snapshots.",
+    "Delete the snapshots first, or delete the blob with its snapshots "
+    "(x-ms-delete-snapshots: include).",
+    409,
+)
+BLOB_INVALID_TYPE = _entry(
+    "InvalidBlobType",
+    "The blob type is invalid for this operation: '{name}' is a {blob_type}.",
+    "Use an operation that fits the blob's type (page operations need a page blob).",
+    409,
+)
+BLOB_INVALID_PAGE_RANGE = _entry(
+    "InvalidPageRange",
+    "The page range specified is invalid: {reason}",
+    "Give a range aligned to 512 bytes that lies within the blob.",
+    416,
+)
+BLOB_INVALID_BLOCK_LIST = _entry(
+    "InvalidBlockList",
+    "The specified block list is invalid.",
+    "Stage every block of the list (Put Block) before committing it.",
+    400,
+)

@@ -1,0 +1,246 @@
+"""Backup jobs (Microsoft.RecoveryServices/vaults/backupJobs) and the worker that runs them.
+
+A job has Azure's shape: operation, status (InProgress, Completed,
+CompletedWithWarnings, Failed, Cancelled), start, end, duration, sub-tasks and
+error details taken from the error catalog. One operation per protected item at
+a time (row B8). Jobs run on worker threads inside the server; a job left
+InProgress by a server that died is failed at the next start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmvault import arm
+from vmvault.catalog import Job, ProtectedItem, Vault, utcnow
+from vmvault.context import Context
+from vmvault.errors import (
+    INTERNAL_ERROR,
+    OPERATION_IN_PROGRESS,
+    VmvaultError,
+    invalid,
+    not_found,
+)
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("InProgress", "Completed", "CompletedWithWarnings", "Failed", "Cancelled")
+OPERATIONS = ("Backup", "Restore", "ConfigureBackup", "DisableBackup", "DeleteBackupData")
+_item_lock = threading.Lock()
+
+
+def get(s: Session, vault: Vault, job_id: str) -> Job:
+    job = s.scalar(select(Job).where(Job.vault_id == vault.id, Job.job_id == job_id))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def task(name: str) -> dict[str, Any]:
+    return {"taskId": name, "status": "NotStarted", "startTime": None, "endTime": None,
+            "duration": None, "progressPercentage": 0}
+
+
+def create(ctx: Context, vault_id: int, item_id: int | None, operation: str, friendly: str,
+           parameters: dict[str, Any], sub_tasks: list[str]) -> str:
+    """Record a new InProgress job; refuse if the item already has one running (B8)."""
+    with _item_lock, ctx.catalog.session() as s:
+        if item_id is not None and operation in ("Backup", "Restore"):
+            running = s.scalar(select(Job).where(Job.item_id == item_id,
+                                                 Job.status == "InProgress",
+                                                 Job.operation.in_(("Backup", "Restore"))))
+            if running is not None:
+                raise VmvaultError(OPERATION_IN_PROGRESS, name=friendly, job_id=running.job_id)
+        job = Job(vault_id=vault_id, item_id=item_id, operation=operation,
+                  entity_friendly_name=friendly, parameters=parameters,
+                  sub_tasks=[task(t) for t in sub_tasks])
+        s.add(job)
+        s.flush()
+        return job.job_id
+
+
+class JobHandle:
+    """What a running job uses to report: sub-task states, progress, the end."""
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx = ctx
+        self.job_id = job_id
+        self._last_progress = 0.0
+
+    def _update(self, change: Callable[[Job], None]) -> None:
+        with self.ctx.catalog.session() as s:
+            job = s.scalar(select(Job).where(Job.job_id == self.job_id))
+            assert job is not None
+            change(job)
+
+    def start_task(self, name: str) -> None:
+        def change(job: Job) -> None:
+            job.sub_tasks = [
+                {**t, "status": "InProgress", "startTime": arm.iso(utcnow())}
+                if t["taskId"] == name else t for t in job.sub_tasks
+            ]
+        self._update(change)
+
+    def end_task(self, name: str, status: str = "Completed") -> None:
+        now = utcnow()
+
+        def change(job: Job) -> None:
+            tasks = []
+            for t in job.sub_tasks:
+                if t["taskId"] == name:
+                    start = dt.datetime.fromisoformat(t["startTime"].rstrip("Z")) if t[
+                        "startTime"] else now
+                    t = {**t, "status": status, "endTime": arm.iso(now),
+                         "duration": arm.duration(start, now),
+                         "progressPercentage": 100 if status == "Completed" else t[
+                             "progressPercentage"]}
+                tasks.append(t)
+            job.sub_tasks = tasks
+        self._update(change)
+
+    def progress(self, name: str, done: int, total: int, force: bool = False) -> None:
+        """Record a sub-task's progress, at most twice a second."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < 0.5:
+            return
+        self._last_progress = now
+        percent = int(100 * done / total) if total else 100
+
+        def change(job: Job) -> None:
+            job.sub_tasks = [{**t, "progressPercentage": percent} if t["taskId"] == name else t
+                             for t in job.sub_tasks]
+            finished = sum(1 for t in job.sub_tasks if t["status"] == "Completed")
+            job.progress_percent = int((finished * 100 + percent) / max(1, len(job.sub_tasks)))
+        self._update(change)
+
+    def set_result(self, **values: Any) -> None:
+        def change(job: Job) -> None:
+            job.result = {**job.result, **values}
+        self._update(change)
+
+    def finish(self, status: str, error: VmvaultError | None = None) -> None:
+        def change(job: Job) -> None:
+            job.status = status
+            job.end_time = utcnow()
+            if status in ("Completed", "CompletedWithWarnings"):
+                job.progress_percent = 100
+            job.sub_tasks = [
+                {**t, "status": "Cancelled" if status == "Cancelled" else "Failed"}
+                if t["status"] in ("NotStarted", "InProgress") and status not in (
+                    "Completed", "CompletedWithWarnings") else t
+                for t in job.sub_tasks
+            ]
+            if error is not None:
+                job.error_details = [*job.error_details, error.to_dict()]
+        self._update(change)
+
+
+class JobRunner:
+    """Worker threads running jobs in the server process."""
+
+    def __init__(self, ctx: Context, workers: int = 2) -> None:
+        self.ctx = ctx
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
+
+    def submit(self, job_id: str, work: Callable[[JobHandle], str | None]) -> None:
+        self._pool.submit(self._run, job_id, work)
+
+    def _run(self, job_id: str, work: Callable[[JobHandle], str | None]) -> None:
+        handle = JobHandle(self.ctx, job_id)
+        try:
+            status = work(handle) or "Completed"
+            handle.finish(status)
+        except VmvaultError as exc:
+            log.warning("job %s failed: %s", job_id, exc)
+            handle.finish("Failed", exc)
+        except Exception as exc:  # a bug: the job fails with an internal error, never hangs
+            log.exception("job %s crashed", job_id)
+            handle.finish("Failed", VmvaultError(INTERNAL_ERROR, reason=f"{type(exc).__name__}: "
+                                                 f"{exc}"))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def fail_orphans(ctx: Context, cleanup: Callable[[Session, Job], None]) -> list[str]:
+    """Jobs left InProgress by a server that stopped: fail them and undo their partial work."""
+    failed = []
+    with ctx.catalog.session() as s:
+        for job in s.scalars(select(Job).where(Job.status == "InProgress")):
+            cleanup(s, job)
+            job.status = "Failed"
+            job.end_time = utcnow()
+            job.sub_tasks = [{**t, "status": "Failed"} if t["status"] in (
+                "NotStarted", "InProgress") else t for t in job.sub_tasks]
+            job.error_details = [*job.error_details, VmvaultError(
+                INTERNAL_ERROR, reason="the server stopped while the job ran; nothing it "
+                "started was kept").to_dict()]
+            failed.append(job.job_id)
+    return failed
+
+
+def to_arm(job: Job) -> dict[str, Any]:
+    vault = job.vault
+    props: dict[str, Any] = {
+        "jobType": "AzureIaaSVMJob",
+        "backupManagementType": "AzureIaasVM",
+        "operation": job.operation,
+        "status": job.status,
+        "entityFriendlyName": job.entity_friendly_name,
+        "startTime": arm.iso(job.start_time),
+        "endTime": arm.iso(job.end_time),
+        "duration": arm.duration(job.start_time, job.end_time),
+        "activityId": job.job_id,
+        "virtualMachineVersion": "Compute",
+        "errorDetails": [
+            {"errorCode": e["code"], "errorString": e["message"], "errorTitle": "",
+             "recommendations": [e["action"]] if e.get("action") else [], "innerError": None}
+            for e in job.error_details
+        ] or None,
+        "extendedInfo": {
+            "progressPercentage": job.progress_percent,
+            "tasksList": job.sub_tasks,
+            "propertyBag": job.result,
+            "dynamicErrorMessage": job.error_details[-1]["message"] if job.error_details else None,
+            "estimatedRemainingDuration": None,
+        },
+    }
+    return {
+        "id": arm.resource_id(vault.group.name, "Microsoft.RecoveryServices", "vaults", vault.name,
+                              "backupJobs", job.job_id),
+        "name": job.job_id,
+        "resourceGroup": vault.group.name,
+        "type": "Microsoft.RecoveryServices/vaults/backupJobs",
+        "properties": props,
+    }
+
+
+def list_jobs(s: Session, vault: Vault, status: str | None = None, operation: str | None = None,
+              start: dt.datetime | None = None, end: dt.datetime | None = None) -> list[Job]:
+    query = select(Job).where(Job.vault_id == vault.id).order_by(Job.start_time.desc())
+    if status:
+        if status not in STATUSES:
+            raise invalid("--status", f"'{status}' is not one of {', '.join(STATUSES)}")
+        query = query.where(Job.status == status)
+    if operation:
+        if operation not in OPERATIONS:
+            raise invalid("--operation", f"'{operation}' is not one of {', '.join(OPERATIONS)}")
+        query = query.where(Job.operation == operation)
+    if start:
+        query = query.where(Job.start_time >= start)
+    if end:
+        query = query.where(Job.start_time <= end)
+    return list(s.scalars(query))
+
+
+def item_running_job(s: Session, item: ProtectedItem) -> Job | None:
+    return s.scalar(select(Job).where(Job.item_id == item.id, Job.status == "InProgress"))

@@ -1,0 +1,221 @@
+"""Protected items, containers and recovery points: what `backup protection`, `backup item`
+and `backup recoverypoint` work on."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmvault import arm
+from vmvault.catalog import Job, ProtectedItem, RecoveryPoint, Vault, utcnow
+from vmvault.context import Context
+from vmvault.control import jobs, policies, vaults
+from vmvault.errors import ALREADY_PROTECTED, NOT_PROTECTED, VmvaultError, invalid, not_found
+from vmvault.fabric import vms
+
+CONTAINER_PREFIX = "iaasvmcontainerv2"
+
+
+def container_name(group: str, vm: str) -> str:
+    return f"IaasVMContainer;{CONTAINER_PREFIX};{group};{vm}"
+
+
+def item_name(group: str, vm: str) -> str:
+    return f"VM;{CONTAINER_PREFIX};{group};{vm}"
+
+
+def friendly(name: str) -> str:
+    """'VM;iaasvmcontainerv2;rg;vm' or 'IaasVMContainer;iaasvmcontainerv2;rg;vm' -> 'vm'."""
+    return name.split(";")[-1] if ";" in name else name
+
+
+def vm_from_id_or_name(vm: str) -> tuple[str | None, str]:
+    """--vm takes a name or a resource id; returns (group or None, name)."""
+    if vm.startswith("/subscriptions/"):
+        parts = vm.strip("/").split("/")
+        try:
+            return parts[parts.index("resourceGroups") + 1], parts[-1]
+        except (ValueError, IndexError) as exc:
+            raise invalid("--vm", f"'{vm}' is not a VM resource id") from exc
+    return None, vm
+
+
+def get_item(s: Session, vault: Vault, container: str, item: str | None = None) -> ProtectedItem:
+    name = friendly(item or container)
+    if item is not None and friendly(container) != name:
+        raise invalid("--item-name", f"item '{item}' is not in container '{container}'")
+    rows = s.scalars(select(ProtectedItem).where(ProtectedItem.vault_id == vault.id,
+                                                 ProtectedItem.vm_name == name)).all()
+    if ";" in (item or container):  # a full name also says the group
+        group = (item or container).split(";")[-2]
+        rows = [r for r in rows if r.vm_group.lower() == group.lower()]
+    if not rows:
+        raise VmvaultError(NOT_PROTECTED, name=name, vault=vault.name)
+    if len(rows) > 1:
+        raise invalid("--container-name", f"'{name}' matches VMs in several resource groups; "
+                      "give the full container name")
+    return rows[0]
+
+
+def item_to_arm(s: Session, item: ProtectedItem) -> dict[str, Any]:
+    vault = item.vault
+    last_rp = s.scalar(select(RecoveryPoint).where(RecoveryPoint.item_id == item.id)
+                       .order_by(RecoveryPoint.time.desc()))
+    container = container_name(item.vm_group, item.vm_name)
+    name = item_name(item.vm_group, item.vm_name)
+    vm_id = arm.resource_id(item.vm_group, "Microsoft.Compute", "virtualMachines", item.vm_name)
+    return {
+        "id": arm.resource_id(vault.group.name, "Microsoft.RecoveryServices", "vaults", vault.name,
+                              "backupFabrics", "Azure", "protectionContainers", container,
+                              "protectedItems", name),
+        "name": name,
+        "resourceGroup": vault.group.name,
+        "type": "Microsoft.RecoveryServices/vaults/backupFabrics/protectionContainers/"
+                "protectedItems",
+        "properties": {
+            "backupManagementType": "AzureIaasVM",
+            "workloadType": "VM",
+            "protectedItemType": "Microsoft.Compute/virtualMachines",
+            "containerName": container.split(";", 1)[1],
+            "friendlyName": item.vm_name,
+            "sourceResourceId": vm_id,
+            "virtualMachineId": vm_id,
+            "policyName": item.policy.name if item.policy else None,
+            "policyId": policies.to_arm(s, item.policy)["id"] if item.policy else None,
+            "protectionState": item.protection_state,
+            "protectionStatus": item.protection_status,
+            "healthStatus": "Passed" if item.last_backup_status != "Failed" else "ActionRequired",
+            "lastBackupStatus": item.last_backup_status,
+            "lastBackupTime": arm.iso(item.last_backup_time),
+            "lastRecoveryPoint": arm.iso(last_rp.time) if last_rp else None,
+        },
+    }
+
+
+def enable_for_vm(ctx: Context, group: str, vault_name: str, vm: str,
+                  policy_name: str) -> dict[str, Any]:
+    vm_group, vm_name = vm_from_id_or_name(vm)
+    vm_group = vm_group or group
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        policy = policies.get(s, vault, policy_name)
+        machine = vms.get(s, vm_group, vm_name)
+        if machine.location != vault.location:
+            raise invalid("--vm", f"VM '{vm_name}' is in '{machine.location}' and vault "
+                          f"'{vault_name}' in '{vault.location}': a vault protects VMs of its "
+                          "own region")
+        existing = s.scalar(select(ProtectedItem).where(ProtectedItem.vm_group == vm_group,
+                                                        ProtectedItem.vm_name == vm_name))
+        if existing is not None:
+            raise VmvaultError(ALREADY_PROTECTED, name=vm_name, vault=existing.vault.name)
+        item = ProtectedItem(vault=vault, policy=policy, vm_group=vm_group, vm_name=vm_name,
+                             source_vm_id=machine.vm_id)
+        s.add(item)
+        s.flush()
+        job = Job(vault=vault, item=item, operation="ConfigureBackup", status="Completed",
+                  entity_friendly_name=vm_name, end_time=utcnow(), progress_percent=100)
+        s.add(job)
+        s.flush()
+        return jobs.to_arm(job)
+
+
+def list_items(ctx: Context, group: str, vault_name: str) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        rows = s.scalars(select(ProtectedItem).where(ProtectedItem.vault_id == vault.id)
+                         .order_by(ProtectedItem.vm_name))
+        return [item_to_arm(s, i) for i in rows]
+
+
+def show_item(ctx: Context, group: str, vault_name: str, container: str,
+              item: str | None) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        return item_to_arm(s, get_item(s, vault, container, item))
+
+
+def list_containers(ctx: Context, group: str, vault_name: str) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        rows = s.scalars(select(ProtectedItem).where(ProtectedItem.vault_id == vault.id))
+        return [{
+            "name": container_name(i.vm_group, i.vm_name),
+            "resourceGroup": vault.group.name,
+            "type": "Microsoft.RecoveryServices/vaults/backupFabrics/protectionContainers",
+            "properties": {"friendlyName": i.vm_name, "backupManagementType": "AzureIaasVM",
+                           "registrationStatus": "Registered", "healthStatus": "Healthy",
+                           "containerType": "Microsoft.Compute/virtualMachines",
+                           "resourceGroup": i.vm_group},
+        } for i in rows]
+
+
+# --- recovery points -----------------------------------------------------------------------------
+
+
+def rp_to_arm(rp: RecoveryPoint) -> dict[str, Any]:
+    item = rp.item
+    vault = item.vault
+    tiers = []
+    if any(d.get("snapshot") for d in rp.disks):
+        tiers.append({"type": "InstantRP", "status": "Valid"})
+    tiers.append({"type": "HardenedRP", "status": "Valid"})
+    return {
+        "id": arm.resource_id(vault.group.name, "Microsoft.RecoveryServices", "vaults", vault.name,
+                              "backupFabrics", "Azure", "protectionContainers",
+                              container_name(item.vm_group, item.vm_name), "protectedItems",
+                              item_name(item.vm_group, item.vm_name), "recoveryPoints", rp.name),
+        "name": rp.name,
+        "resourceGroup": vault.group.name,
+        "type": "Microsoft.RecoveryServices/vaults/backupFabrics/protectionContainers/"
+                "protectedItems/recoveryPoints",
+        "properties": {
+            "objectType": "IaasVMRecoveryPoint",
+            "recoveryPointTime": arm.iso(rp.time),
+            "recoveryPointType": rp.consistency,
+            "recoveryPointTierDetails": tiers,
+            "tier": "SnapshotAndVault" if len(tiers) == 2 else "Vault",
+            "expiryTime": arm.iso(rp.expiry),
+            "sourceVMStorageType": "NormalStorage",
+            "recoveryPointDiskConfiguration": {
+                "numberOfDisksIncludedInBackup": len(rp.disks),
+                "numberOfDisksAttachedToVm": len(rp.disks),
+                "includedDiskList": [{"diskLun": d["lun"], "diskName": d["name"],
+                                      "diskSizeBytes": d["size"]} for d in rp.disks],
+            },
+            "backupJobId": rp.job_id,
+            "transferStats": rp.stats,
+        },
+    }
+
+
+def get_rp(s: Session, item: ProtectedItem, name: str) -> RecoveryPoint:
+    rp = s.scalar(select(RecoveryPoint).where(RecoveryPoint.item_id == item.id,
+                                              RecoveryPoint.name == name))
+    if rp is None:
+        raise not_found("recovery point", name)
+    return rp
+
+
+def list_rps(ctx: Context, group: str, vault_name: str, container: str, item: str | None,
+             start: dt.datetime | None = None, end: dt.datetime | None = None
+             ) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        pi = get_item(s, vault, container, item)
+        query = (select(RecoveryPoint).where(RecoveryPoint.item_id == pi.id)
+                 .order_by(RecoveryPoint.time.desc()))
+        if start:
+            query = query.where(RecoveryPoint.time >= start)
+        if end:
+            query = query.where(RecoveryPoint.time <= end)
+        return [rp_to_arm(rp) for rp in s.scalars(query)]
+
+
+def show_rp(ctx: Context, group: str, vault_name: str, container: str, item: str | None,
+            name: str) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        return rp_to_arm(get_rp(s, get_item(s, vault, container, item), name))
