@@ -56,8 +56,8 @@ def duration(start: dt.datetime, end: dt.datetime | None) -> str:
     """Azure's job duration, 'H:MM:SS.ffffff'."""
     from vmvault.catalog import utcnow
 
-    delta = (end or utcnow()) - start
-    return str(delta if delta.microseconds else delta + dt.timedelta(microseconds=0))
+    delta = max((end or utcnow()) - start, dt.timedelta(0))
+    return str(delta)
 
 
 def parse_date(value: str, field: str) -> dt.datetime:

@@ -115,8 +115,10 @@ def enable_for_vm(ctx: Context, group: str, vault_name: str, vm: str,
                              source_vm_id=machine.vm_id)
         s.add(item)
         s.flush()
+        now = utcnow()
         job = Job(vault=vault, item=item, operation="ConfigureBackup", status="Completed",
-                  entity_friendly_name=vm_name, end_time=utcnow(), progress_percent=100)
+                  entity_friendly_name=vm_name, start_time=now, end_time=now,
+                  progress_percent=100)
         s.add(job)
         s.flush()
         return jobs.to_arm(job)

@@ -9,6 +9,8 @@ pass the restore validations of the troubleshooting guide (rows R6, R7, R8).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -27,11 +29,23 @@ from vmvault.errors import (
     invalid,
 )
 from vmvault.fabric import groups, storage_accounts
-from vmvault.storage.diskstore import clone_file
+from vmvault.storage import extents
 
 RESTORE_TASK = "Transfer data"
 RESTORE_SKUS = ("Standard_LRS", "Standard_GRS")
 SOURCES = ("Auto", "Vault", "Snapshot")
+
+
+def clone_file(source: Path, target: Path) -> None:
+    """Copy a snapshot into a restored blob: a reflink (instant, no space) where the pool
+    allows it, else a sparse copy."""
+    with open(source, "rb") as src, open(target, "r+b") as dst:
+        try:
+            extents.reflink(src.fileno(), dst.fileno())
+        except OSError as exc:
+            if not extents.reflink_unsupported(exc):
+                raise
+            extents.sparse_copy(src.fileno(), dst.fileno())
 
 
 def validate_target(ctx: Context, account: StorageAccount, vault_location: str,
@@ -78,6 +92,10 @@ def restore_disks(ctx: Context, group: str, vault_name: str, container: str, ite
         return jobs.to_arm(s.scalars(select(Job).where(Job.job_id == job_id)).one())
 
 
+def _progress(handle: jobs.JobHandle, offset: int, total: int) -> Callable[[int, int], None]:
+    return lambda n, _disk_total: handle.progress(RESTORE_TASK, offset + n, total)
+
+
 def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
     with ctx.catalog.session() as s:
         job = s.scalars(select(Job).where(Job.job_id == handle.job_id)).one()
@@ -107,9 +125,8 @@ def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
                 clone_file(source_path, target)
             else:
                 assert repo is not None
-                offset = done
-                repo.restore_disk(rp.name, d["name"], target, progress=lambda n, _t, o=offset: (
-                    handle.progress(RESTORE_TASK, o + n, total)))
+                repo.restore_disk(rp.name, d["name"], target,
+                                  progress=_progress(handle, done, total))
             done += int(d["size"])
             handle.progress(RESTORE_TASK, done, total, force=True)
             restored.append({"name": d["name"], "lun": d["lun"], "sizeBytes": d["size"],
