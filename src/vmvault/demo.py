@@ -156,16 +156,21 @@ def raw_sums(vm: dict[str, Any]) -> dict[str, str]:
 
 
 def check_restored_mounted(restored: list[dict[str, Any]], expected: dict[str, str],
-                           workdir: Path) -> int:
+                           live: dict[str, str], workdir: Path) -> int:
     checked = 0
     for disk in restored:
         if disk["lun"] < 0:
             continue
         mount = workdir / f"restored-{disk['name']}"
         mount.mkdir(parents=True, exist_ok=True)
-        options = "ro,nouuid" if disk.get("fsType") == "xfs" else "ro"
-        print(f"$ mount -o loop,{options} {disk['path']} {mount}")
-        subprocess.run(["mount", "-o", f"loop,{options}", disk["path"], str(mount)], check=True)
+        # Read-write: a crash-consistent image replays its journal when mounted (a read-only
+        # mount would refuse); it is a restored copy, nothing else uses it.
+        options = "loop,nouuid" if disk.get("fsType") == "xfs" else "loop"
+        print(f"$ mount -o {options} {disk['path']} {mount}")
+        proc = subprocess.run(["mount", "-o", options, disk["path"], str(mount)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise DemoFailed(f"the restored {disk['name']} does not mount: {proc.stderr.strip()}")
         try:
             for key, digest in expected.items():
                 disk_name, file_name = key.split("/", 1)
@@ -173,6 +178,8 @@ def check_restored_mounted(restored: list[dict[str, Any]], expected: dict[str, s
                     continue
                 got = sha256(mount / file_name)
                 mark = "ok" if got == digest else "DIFFERENT"
+                if live.get(key, digest) != digest:
+                    mark += " (the live VM's copy has changed since)"
                 print(f"   {key}: sha256 {got[:16]}... {mark}")
                 if got != digest:
                     raise DemoFailed(f"{key} differs from the first backup's")
@@ -182,13 +189,16 @@ def check_restored_mounted(restored: list[dict[str, Any]], expected: dict[str, s
     return checked
 
 
-def check_restored_raw(restored: list[dict[str, Any]], expected: dict[str, str]) -> int:
+def check_restored_raw(restored: list[dict[str, Any]], expected: dict[str, str],
+                       live: dict[str, str]) -> int:
     checked = 0
     for disk in restored:
         if disk["name"] not in expected:
             continue
         got = sha256(Path(disk["path"]))
         mark = "ok" if got == expected[disk["name"]] else "DIFFERENT"
+        if live.get(disk["name"]) != expected[disk["name"]]:
+            mark += " (the live disk has changed since)"
         print(f"   {disk['name']} (raw): sha256 {got[:16]}... {mark}")
         if got != expected[disk["name"]]:
             raise DemoFailed(f"restored {disk['name']} differs from the first backup's")
@@ -245,8 +255,13 @@ def run(keep: bool) -> None:
     say("Change 1% of the data")
     if root and vm["disksMounted"]:
         changed = change_files(vm, rng)
+        live = {key: sha256(mount / key.split("/", 1)[1]) for key in expected
+                for name, mount in mounted_disks(vm) if key.startswith(name + "/")}
     else:
         changed = write_raw(vm, rng, CHANGE_FRACTION)
+        live = raw_sums(vm)
+    if live == expected:
+        raise DemoFailed("the change did not change anything")
     print(f"   rewrote {changed / 2**20:.1f} MiB in 64 KiB writes at random offsets")
 
     say("Second backup (incremental: only the changed ranges are read)")
@@ -275,9 +290,9 @@ def run(keep: bool) -> None:
     say("Prove the restored disks hold the data of the first backup's time")
     with tempfile.TemporaryDirectory(prefix="vmvault-demo-") as tmp:
         if root and vm["disksMounted"]:
-            checked = check_restored_mounted(restored, expected, Path(tmp))
+            checked = check_restored_mounted(restored, expected, live, Path(tmp))
         else:
-            checked = check_restored_raw(restored, expected)
+            checked = check_restored_raw(restored, expected, live)
     if checked != len(expected):
         raise DemoFailed(f"checked {checked} of {len(expected)} expected items")
 

@@ -30,9 +30,15 @@ short-summary: Say what runs where (server, Blob endpoint, pool, catalog).
 
 
 def up_cmd() -> dict[str, Any]:
+    import sys
+
     from vmvault import stack
 
-    return stack.up()
+    result = stack.up()
+    warning = (result.get("pool") or {}).get("warning")
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return result
 
 
 def down_cmd() -> dict[str, Any]:
