@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import IS_ROOT, Stack, make_vm, needs_root
+from conftest import IS_ROOT, Stack, make_stack, make_vm, needs_root
 
 
 def test_help_on_groups_and_commands(stack: Stack) -> None:
@@ -119,3 +119,22 @@ def test_lab_vm_file_systems_are_real(stack: Stack, names: dict[str, str]) -> No
     with open("/proc/mounts") as f:
         line = next(x for x in f if f" {mount} " in x)
     assert line.split()[2] == "xfs" and line.split()[0].startswith("/dev/loop")
+
+
+@needs_root()
+def test_down_unmounts_and_up_remounts_running_vms(tmp_path: Path, names: dict[str, str]) -> None:
+    s = make_stack(tmp_path / "home")
+    try:
+        vm = make_vm(s, names, data_disks=("1",), fs=("ext4",))
+        mount = Path(vm["storageProfile"]["dataDisks"][0]["mountPoint"])
+        (mount / "keep.txt").write_text("still here")
+        pool = Path(s.status()["pool"]["path"])
+        assert os.path.ismount(pool)
+        s.run("down")
+        assert not os.path.ismount(mount) and not os.path.ismount(pool)
+        assert s.status()["running"] is False
+        s.run("up")
+        assert os.path.ismount(mount)
+        assert (mount / "keep.txt").read_text() == "still here"
+    finally:
+        s.run("down", ok=False)
