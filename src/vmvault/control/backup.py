@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,10 @@ from vmvault.fabric import lab, vms
 from vmvault.vault import DiskSource
 
 log = logging.getLogger(__name__)
+
+# Until the vault has repository locks (docs/vault-format.md), transfers into one vault run one
+# at a time; prune never runs during them.
+_vault_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
 
 TAKE_SNAPSHOT = "Take Snapshot"
 TRANSFER = "Transfer data to vault"
@@ -165,18 +171,19 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
 
     handle.start_task(TRANSFER)
     try:
-        repo = vaults.open_repository(vault)
-        sources, incremental = _disk_sources(ctx, disks, previous)
-        parent = previous.get("recoveryPoint") if incremental else None
-        if parent and parent not in repo.manifests():
-            parent, sources = None, [DiskSource(s.name, s.size, s.path, s.data_ranges, None)
-                                     for s in sources]
-        stats = repo.backup(
-            rp_name, sources, parent=parent,
-            metadata={"vm": vm_info, "disks": disks, "consistency": "CrashConsistent",
-                      "jobId": handle.job_id, "time": arm.iso(snap_time)},
-            progress=lambda done, total: handle.progress(TRANSFER, done, total),
-        )
+        with _vault_locks[vault.id]:
+            repo = vaults.open_repository(vault)
+            sources, incremental = _disk_sources(ctx, disks, previous)
+            parent = previous.get("recoveryPoint") if incremental else None
+            if parent and parent not in repo.manifests():
+                parent, sources = None, [DiskSource(s.name, s.size, s.path, s.data_ranges, None)
+                                         for s in sources]
+            stats = repo.backup(
+                rp_name, sources, parent=parent,
+                metadata={"vm": vm_info, "disks": disks, "consistency": "CrashConsistent",
+                          "jobId": handle.job_id, "time": arm.iso(snap_time)},
+                progress=lambda done, total: handle.progress(TRANSFER, done, total),
+            )
     except VmvaultError:
         drop_snapshots(ctx, disks)
         _mark_item(ctx, item_id, "Failed")
