@@ -268,3 +268,26 @@ BLOB_INVALID_BLOCK_LIST = _entry(
     "Stage every block of the list (Put Block) before committing it.",
     400,
 )
+
+
+def catalog_markdown() -> str:
+    """docs/errors.md, generated from the catalog (python -m vmvault.errors > docs/errors.md)."""
+    lines = [
+        "# vmvault error catalog",
+        "",
+        "Generated from `src/vmvault/errors.py` by `python -m vmvault.errors > docs/errors.md`;",
+        "a test fails when this file and the catalog disagree. Codes follow Azure Backup's where",
+        "Azure's are known; *Row* is the row of the troubleshooting guide the entry answers.",
+        "",
+        "| Code | HTTP | Row | Message | Recommended action |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
+    for entry in sorted(CATALOG.values(), key=lambda e: (e.row or "~", e.code)):
+        cells = [entry.code, str(entry.http_status), entry.row or "",
+                 entry.message.replace("|", "\\|"), entry.action.replace("|", "\\|")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(catalog_markdown(), end="")

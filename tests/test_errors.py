@@ -1,0 +1,27 @@
+"""The error catalog: unique codes, complete entries, and docs/errors.md in step with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmvault.errors import CATALOG, OPERATION_IN_PROGRESS, VmvaultError, catalog_markdown
+
+
+def test_entries_are_complete() -> None:
+    for code, entry in CATALOG.items():
+        assert entry.code == code
+        assert entry.message and entry.action, code
+        assert entry.action.endswith("."), f"{code}: an action is a sentence"
+        assert 400 <= entry.http_status < 600
+
+
+def test_message_is_filled_and_round_trips() -> None:
+    err = VmvaultError(OPERATION_IN_PROGRESS, name="vm1", job_id="j-1")
+    assert err.message == "Another operation is in progress on 'vm1' (job j-1)."
+    again = VmvaultError.from_dict(err.to_dict(), 409)
+    assert (again.code, again.message, again.action) == (err.code, err.message, err.action)
+
+
+def test_docs_errors_md_is_generated_from_the_catalog() -> None:
+    doc = Path(__file__).parent.parent / "docs" / "errors.md"
+    assert doc.read_text() == catalog_markdown(), "run: python -m vmvault.errors > docs/errors.md"
