@@ -1,0 +1,337 @@
+"""The Blob endpoint, driven by the official azure-storage-blob SDK (unchanged) against a
+real uvicorn server: Shared Key (account key) and SAS URLs, every supported operation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import (
+    BlobClient,
+    BlobServiceClient,
+    BlobType,
+    ContainerClient,
+    ContentSettings,
+)
+
+from conftest_storage import BlobServer, blob_server  # noqa: F401
+from vmvault.storage.auth import blob_url, generate_blob_sas, generate_container_sas
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def svc(blob_server: BlobServer) -> BlobServiceClient:  # noqa: F811
+    return BlobServiceClient(blob_server.account_url, credential=blob_server.credential)
+
+
+@pytest.fixture
+def container(svc: BlobServiceClient, request: pytest.FixtureRequest) -> Iterator[ContainerClient]:
+    name = "c-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12]
+    cc = svc.create_container(name)
+    yield cc
+    cc.delete_container()
+
+
+def _sas_client(server: BlobServer, container: str, blob: str, permission: str,
+                expiry: datetime | None = None, start: datetime | None = None,
+                key: str | None = None, snapshot: str | None = None) -> BlobClient:
+    sas = generate_blob_sas(server.account.name, key or server.account.key1, container, blob,
+                            permission, expiry or datetime.now(UTC) + timedelta(hours=1),
+                            start, snapshot)
+    return BlobClient.from_blob_url(blob_url(server.url, server.account.name, container, blob,
+                                             sas), snapshot=snapshot)
+
+
+# --- containers and block blobs ---------------------------------------------------------
+
+
+def test_containers(svc: BlobServiceClient) -> None:
+    cc = svc.create_container("listme", metadata={"owner": "tests"})
+    try:
+        assert "listme" in [c.name for c in svc.list_containers()]
+        props = cc.get_container_properties()
+        assert props.metadata == {"owner": "tests"} and props.etag
+        with pytest.raises(ResourceExistsError) as exc:
+            svc.create_container("listme")
+        assert exc.value.error_code == "ContainerAlreadyExists"
+        assert svc.get_account_information()["sku_name"] == "Standard_LRS"
+    finally:
+        cc.delete_container()
+    with pytest.raises(ResourceNotFoundError) as exc2:
+        cc.get_container_properties()
+    assert exc2.value.error_code == "ContainerNotFound"
+    assert not cc.exists()
+
+
+def test_block_blob(container: ContainerClient) -> None:
+    bc = container.get_blob_client("dir/hello.txt")
+    bc.upload_blob(b"hello world", metadata={"a": "1"},
+                   content_settings=ContentSettings(content_type="text/plain"))
+    props = bc.get_blob_properties()
+    assert (props.size, props.blob_type, props.metadata) == (11, BlobType.BLOCKBLOB, {"a": "1"})
+    assert props.content_settings.content_type == "text/plain"
+    assert props.content_settings.content_md5 == hashlib.md5(b"hello world").digest()
+    assert bc.download_blob().readall() == b"hello world"
+    assert bc.download_blob(offset=6, length=5).readall() == b"world"
+    with pytest.raises(ResourceExistsError) as exc:
+        bc.upload_blob(b"again")  # overwrite=False: If-None-Match: *
+    assert exc.value.error_code == "BlobAlreadyExists"
+    bc.upload_blob(b"", overwrite=True)
+    assert bc.download_blob().readall() == b""
+    with pytest.raises(ResourceNotFoundError) as exc2:
+        container.get_blob_client("missing").get_blob_properties()
+    assert exc2.value.error_code == "BlobNotFound"
+
+
+def test_block_blob_staged(blob_server: BlobServer, container: ContainerClient) -> None:  # noqa: F811
+    """Uploads bigger than max_single_put_size go as Put Block + Put Block List."""
+    svc = BlobServiceClient(blob_server.account_url, credential=blob_server.credential,
+                            max_single_put_size=256 * 1024, max_block_size=100 * 1024)
+    bc = svc.get_blob_client(container.container_name, "staged.bin")
+    data = os.urandom(MiB + 123)
+    bc.upload_blob(data, max_concurrency=3)
+    assert bc.download_blob().readall() == data
+    assert len(bc.get_block_list("committed")[0]) == 11
+
+
+# --- page blobs -------------------------------------------------------------------------
+
+
+def test_page_blob_operations(container: ContainerClient) -> None:
+    bc = container.get_blob_client("vm1-osdisk.vhd")
+    created = bc.create_page_blob(4 * MiB, metadata={"role": "os"})
+    assert created["etag"]
+    data = os.urandom(8192)
+    bc.upload_page(data, offset=MiB, length=8192)
+    props = bc.get_blob_properties()
+    assert (props.size, props.blob_type, props.metadata) == (4 * MiB, BlobType.PAGEBLOB,
+                                                             {"role": "os"})
+    assert props.page_blob_sequence_number == 0 and props.etag != created["etag"]
+    assert bc.download_blob(offset=MiB, length=8192).readall() == data
+    whole = bc.download_blob().readall()
+    assert len(whole) == 4 * MiB and whole[MiB : MiB + 8192] == data
+    assert whole[: MiB] == bytes(MiB)
+    assert [(r.start, r.end, r.cleared) for r in bc.list_page_ranges()] == [
+        (MiB, MiB + 8191, False)]
+    bc.set_blob_metadata({"role": "data", "lun": "0"})
+    assert bc.get_blob_properties().metadata == {"role": "data", "lun": "0"}
+    bc.resize_blob(8 * MiB)
+    assert bc.get_blob_properties().size == 8 * MiB
+    assert bc.download_blob(offset=MiB, length=8192).readall() == data
+    with pytest.raises(HttpResponseError) as exc:
+        bc.upload_page(b"x" * 512, offset=8 * MiB, length=512)
+    assert exc.value.status_code == 416 and exc.value.error_code == "InvalidPageRange"
+    with pytest.raises(HttpResponseError) as exc:
+        bc.resize_blob(1000)
+    assert exc.value.status_code == 400
+
+
+def test_snapshots_and_page_range_diff(container: ContainerClient) -> None:
+    bc = container.get_blob_client("disk.vhd")
+    bc.create_page_blob(4 * MiB)
+    bc.upload_page(b"a" * 8192, offset=0, length=8192)
+    bc.upload_page(b"b" * 8192, offset=2 * MiB, length=8192)
+    snap = bc.create_snapshot(metadata={"rp": "1"})
+    s1 = snap["snapshot"]
+    bc.clear_page(offset=2 * MiB, length=8192)
+    bc.upload_page(b"c" * 4096, offset=3 * MiB, length=4096)
+    with pytest.warns(DeprecationWarning):  # the classic Get Page Ranges call
+        ranges, clears = bc.get_page_ranges(previous_snapshot_diff=s1)
+    assert ranges == [{"start": 3 * MiB, "end": 3 * MiB + 4095}]
+    assert clears == [{"start": 2 * MiB, "end": 2 * MiB + 8191}]
+    diff = list(bc.list_page_ranges(previous_snapshot=s1))
+    assert [(r.start, r.end, r.cleared) for r in diff] == [
+        (2 * MiB, 2 * MiB + 8191, True), (3 * MiB, 3 * MiB + 4095, False)]
+    # The snapshot: its metadata, its frozen content, its own page ranges.
+    snap_client = container.get_blob_client("disk.vhd", snapshot=s1)
+    assert snap_client.get_blob_properties().metadata == {"rp": "1"}
+    assert snap_client.download_blob(offset=2 * MiB, length=4).readall() == b"bbbb"
+    assert [(r.start, r.end) for r in snap_client.list_page_ranges()] == [
+        (0, 8191), (2 * MiB, 2 * MiB + 8191)]
+    paged = snap_client.list_page_ranges(results_per_page=1).by_page()
+    assert [[r.start for r in page] for page in paged] == [[0], [2 * MiB]]
+    listed = [(b.name, b.snapshot, b.metadata or {})
+              for b in container.list_blobs(include=["snapshots", "metadata"])]
+    assert listed == [("disk.vhd", s1, {"rp": "1"}), ("disk.vhd", None, {})]
+    # Deleting: a blob with snapshots needs delete_snapshots.
+    with pytest.raises(ResourceExistsError) as exc:
+        bc.delete_blob()
+    assert exc.value.status_code == 409 and exc.value.error_code == "SnapshotsPresent"
+    s2 = bc.create_snapshot()["snapshot"]
+    container.get_blob_client("disk.vhd", snapshot=s2).delete_blob()
+    bc.delete_blob(delete_snapshots="only")
+    assert [b.snapshot for b in container.list_blobs(include=["snapshots"])] == [None]
+    bc.create_snapshot()
+    bc.delete_blob(delete_snapshots="include")
+    assert list(container.list_blobs(include=["snapshots"])) == []
+
+
+def test_sparse_download_and_large_transfer(container: ContainerClient) -> None:
+    """A big page blob goes up in 4 MiB pages and comes down streamed, in parallel."""
+    bc = container.get_blob_client("big.vhd")
+    data = bytearray(os.urandom(24 * MiB))
+    data[4 * MiB : 12 * MiB] = bytes(8 * MiB)  # a zero stretch
+    bc.upload_blob(bytes(data), blob_type=BlobType.PAGEBLOB, max_concurrency=4)
+    got = bc.download_blob(max_concurrency=4).readall()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+def test_list_blobs_paging_and_prefix(container: ContainerClient) -> None:
+    for name in ("a/1", "a/2", "b/1", "c"):
+        container.upload_blob(name, b"x")
+    assert [b.name for b in container.list_blobs(name_starts_with="a/")] == ["a/1", "a/2"]
+    pages = container.list_blobs(results_per_page=2).by_page()
+    assert [[b.name for b in page] for page in pages] == [["a/1", "a/2"], ["b/1", "c"]]
+    assert sorted(b.name for b in container.walk_blobs()) == ["a/", "b/", "c"]
+
+
+# --- authorization ----------------------------------------------------------------------
+
+
+def test_sas_access(blob_server: BlobServer, container: ContainerClient) -> None:  # noqa: F811
+    name = container.container_name
+    container.get_blob_client("disk.vhd").create_page_blob(MiB)
+    rw = _sas_client(blob_server, name, "disk.vhd", "rw")
+    rw.upload_page(b"s" * 512, offset=0, length=512)
+    assert rw.download_blob(offset=0, length=512).readall() == b"s" * 512
+    # Missing permission: authenticated, not authorized.
+    ro = _sas_client(blob_server, name, "disk.vhd", "r")
+    with pytest.raises(HttpResponseError) as exc:
+        ro.upload_page(b"x" * 512, offset=0, length=512)
+    assert exc.value.status_code == 403
+    assert exc.value.error_code == "AuthorizationPermissionMismatch"
+    with pytest.raises(HttpResponseError) as exc:
+        ro.delete_blob()
+    assert exc.value.error_code == "AuthorizationPermissionMismatch"
+    # Expired, not yet valid, wrong key: authentication fails.
+    cases = {
+        "expired": dict(expiry=datetime.now(UTC) - timedelta(minutes=5)),
+        "future": dict(start=datetime.now(UTC) + timedelta(hours=1),
+                       expiry=datetime.now(UTC) + timedelta(hours=2)),
+        "bad key": dict(key=blob_server.account.key2[:-8] + "AAAAAAA="),
+    }
+    for label, kwargs in cases.items():
+        client = _sas_client(blob_server, name, "disk.vhd", "r", **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ClientAuthenticationError) as auth_exc:
+            client.get_blob_properties()
+        assert auth_exc.value.status_code == 403, label
+        assert auth_exc.value.error_code == "AuthenticationFailed", label
+    # A blob SAS is for that blob only.
+    container.upload_blob("other", b"x")
+    other = BlobClient.from_blob_url(
+        blob_url(blob_server.url, blob_server.account.name, name, "other",
+                 rw.url.split("?", 1)[1]))
+    with pytest.raises(ClientAuthenticationError) as auth_exc:
+        other.download_blob()
+    assert auth_exc.value.error_code == "AuthenticationFailed"
+    # The second key works as well.
+    assert _sas_client(blob_server, name, "disk.vhd", "r",
+                       key=blob_server.account.key2).get_blob_properties().size == MiB
+
+
+def test_sas_snapshot_and_container(blob_server: BlobServer,  # noqa: F811
+                                    container: ContainerClient) -> None:
+    name = container.container_name
+    bc = container.get_blob_client("d.vhd")
+    bc.create_page_blob(MiB)
+    bc.upload_page(b"1" * 512, offset=0, length=512)
+    snap = bc.create_snapshot()["snapshot"]
+    bc.upload_page(b"2" * 512, offset=0, length=512)
+    snap_client = _sas_client(blob_server, name, "d.vhd", "r", snapshot=snap)
+    assert snap_client.download_blob(offset=0, length=512).readall() == b"1" * 512
+    sas = generate_container_sas(blob_server.account.name, blob_server.account.key1, name, "rl",
+                                 datetime.now(UTC) + timedelta(hours=1))
+    cc = ContainerClient.from_container_url(
+        f"{blob_server.account_url}/{name}?{sas}")
+    assert [b.name for b in cc.list_blobs()] == ["d.vhd"]
+    assert cc.get_blob_client("d.vhd").download_blob(offset=0, length=1).readall() == b"2"
+    with pytest.raises(HttpResponseError) as exc:
+        cc.get_blob_client("d.vhd").upload_page(b"x" * 512, offset=0, length=512)
+    assert exc.value.error_code == "AuthorizationPermissionMismatch"
+
+
+def test_shared_key_failures(blob_server: BlobServer, container: ContainerClient) -> None:  # noqa: F811
+    wrong = BlobServiceClient(blob_server.account_url, credential={
+        "account_name": blob_server.account.name,
+        "account_key": blob_server.account.key1[:-8] + "AAAAAAA="})
+    with pytest.raises(ClientAuthenticationError) as exc:
+        wrong.get_container_client(container.container_name).get_container_properties()
+    assert exc.value.status_code == 403 and exc.value.error_code == "AuthenticationFailed"
+    key2 = BlobServiceClient(blob_server.account_url, credential={
+        "account_name": blob_server.account.name, "account_key": blob_server.account.key2})
+    assert key2.get_container_client(container.container_name).exists()
+    # No credentials at all.
+    container.upload_blob("public?", b"x")
+    anon = BlobClient.from_blob_url(blob_url(blob_server.url, blob_server.account.name,
+                                             container.container_name, "public?"))
+    with pytest.raises(HttpResponseError) as exc2:
+        anon.download_blob()
+    assert exc2.value.status_code == 401 and exc2.value.error_code == "NoAuthenticationInformation"
+
+
+def test_offline_account(blob_server: BlobServer, svc: BlobServiceClient) -> None:  # noqa: F811
+    blob_server.store.set_account_status(blob_server.account.name, False)
+    try:
+        with pytest.raises(HttpResponseError) as exc:
+            list(svc.list_containers())
+        assert exc.value.status_code == 403 and exc.value.error_code == "AccountIsDisabled"
+    finally:
+        blob_server.store.set_account_status(blob_server.account.name, True)
+    list(svc.list_containers())
+
+
+# --- the wire, as Azure has it ------------------------------------------------------------
+
+
+def test_wire_format(blob_server: BlobServer, container: ContainerClient) -> None:  # noqa: F811
+    name = container.container_name
+    container.get_blob_client("w.vhd").create_page_blob(MiB)
+    sas = generate_blob_sas(blob_server.account.name, blob_server.account.key1, name, "w.vhd",
+                            "r", datetime.now(UTC) + timedelta(hours=1))
+    url = blob_url(blob_server.url, blob_server.account.name, name, "w.vhd", sas)
+    with httpx.Client() as http:
+        r = http.head(url, headers={"x-ms-version": "2021-08-06"})
+        assert r.status_code == 200
+        assert r.headers["x-ms-version"] == "2021-08-06" and r.headers["x-ms-request-id"]
+        assert r.headers["x-ms-blob-type"] == "PageBlob"
+        assert r.headers["content-length"] == str(MiB)
+        assert r.headers["etag"].startswith('"0x') and r.headers["last-modified"].endswith("GMT")
+        assert r.headers["x-ms-blob-sequence-number"] == "0"
+        r = http.get(url, headers={"x-ms-range": "bytes=512-1023"})
+        assert r.status_code == 206 and r.headers["content-range"] == f"bytes 512-1023/{MiB}"
+        assert r.content == bytes(512)
+        r = http.get(url, headers={"x-ms-range": f"bytes={MiB}-"})
+        assert r.status_code == 416 and r.headers["x-ms-error-code"] == "InvalidRange"
+        r = http.put(url + "&comp=snapshot")  # a read-only SAS
+        assert r.status_code == 403
+        assert r.headers["x-ms-error-code"] == "AuthorizationPermissionMismatch"
+        body = ET.fromstring(r.content)
+        assert body.tag == "Error" and body.findtext("Code") == r.headers["x-ms-error-code"]
+        assert "RequestId:" in (body.findtext("Message") or "")
+        expired = generate_blob_sas(blob_server.account.name, blob_server.account.key1, name,
+                                    "w.vhd", "r", datetime.now(UTC) - timedelta(minutes=1))
+        r = http.get(blob_url(blob_server.url, blob_server.account.name, name, "w.vhd",
+                              expired))
+        body = ET.fromstring(r.content)
+        assert r.status_code == 403 and body.findtext("Code") == "AuthenticationFailed"
+        assert "Signature not valid in the specified time frame" in (
+            body.findtext("AuthenticationErrorDetail") or "")
+        r = http.head(blob_url(blob_server.url, blob_server.account.name, name, "nope", sas))
+        assert r.status_code == 403 and r.headers["x-ms-error-code"] == "AuthenticationFailed"
+        assert r.content == b""
+        r = http.get(url, headers={"x-ms-version": "yesterday"})
+        assert r.status_code == 400 and r.headers["x-ms-error-code"] == "InvalidHeaderValue"
+        r = http.get(f"{blob_server.url}/nosuchacct/c/b")
+        assert r.status_code == 404 and r.headers["x-ms-error-code"] == "ResourceNotFound"
