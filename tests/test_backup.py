@@ -179,12 +179,11 @@ def test_wrong_vault_password_and_corrupted_pack(stack: Stack, names: dict[str, 
     assert job["errorDetails"][0]["errorCode"] == "UserErrorVaultDataCorrupted"
 
 
-def fill_incompressible(path: Path, mib: int, seed: int = 7) -> None:
-    rng = random.Random(seed)
+def fill_incompressible(path: Path, mib: int) -> None:
     with open(path, "r+b") as f:
         for i in range(mib // 8):
             f.seek(2**20 + i * 8 * 2**20)
-            f.write(rng.randbytes(8 * 2**20))
+            f.write(os.urandom(8 * 2**20))
         os.fsync(f.fileno())
 
 
@@ -221,11 +220,11 @@ def own_stack(tmp_path: Path) -> Any:
 def test_kill_9_server_mid_backup_leaves_no_partial_point(own_stack: Stack,
                                                           names: dict[str, str]) -> None:
     s, n = own_stack, names
-    vm = make_vm(s, n, data_disks=("2",), fs=("ext4",))
+    vm = make_vm(s, n, data_disks=("1",), fs=("ext4",))
     if IS_ROOT:
         s.run("vm", "stop", "-g", n["rg"], "-n", n["vm"])
     path = disk_file(s, vm, 0)
-    fill_incompressible(path, 1024)  # a backup of some seconds
+    fill_incompressible(path, 768)  # a backup that lasts long enough to be killed halfway
     protect(s, n)
     job = s.json("backup", "protection", "backup-now", *item_args(n))
     deadline = time.monotonic() + 60
