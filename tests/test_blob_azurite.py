@@ -765,10 +765,6 @@ def known_difference(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
 
 
-@known_difference(
-    "Put Page: vmvault returns no x-ms-content-crc64 (docs/blob-endpoint.md: 'Put Page "
-    "returns Content-MD5 only when the request sent one'); Azure returns the CRC64 of the "
-    "page data when the request sent no Content-MD5, and Azurite does the same")
 def test_put_page_response_crc64(sides: tuple[Side, Side],
                                  request: pytest.FixtureRequest) -> None:
     def scenario(run: Run, cc: ContainerClient) -> None:
@@ -816,11 +812,6 @@ def test_metadata_name_case(sides: tuple[Side, Side], request: pytest.FixtureReq
     assert_agree(az, vm)
 
 
-@known_difference(
-    "List Blobs: vmvault's <Etag> is quoted (\"0x8D...\"); Azure's is bare (0x8D..., as in "
-    "the SDKs' recorded List Blobs responses) and so is Azurite's; the SDK passes it through, "
-    "so BlobProperties.etag from list_blobs differs from get_blob_properties().etag by the "
-    "quotes. (List Containers etags are quoted in Azure, Azurite and vmvault alike.)")
 def test_list_blobs_etag_form(sides: tuple[Side, Side], request: pytest.FixtureRequest) -> None:
     def scenario(run: Run, cc: ContainerClient) -> None:
         bc = cc.get_blob_client("etag.vhd")
@@ -850,11 +841,6 @@ def test_list_blobs_empty_metadata(sides: tuple[Side, Side],
     assert_agree(az, vm)
 
 
-@known_difference(
-    "block blob access tier: vmvault returns no x-ms-access-tier / x-ms-access-tier-inferred "
-    "(tiers are not supported, docs/blob-endpoint.md); Azure (StorageV2, default tier Hot) "
-    "and Azurite answer Hot, inferred. (Azurite also sends x-ms-access-tier-change-time, "
-    "which Azure sends only once a tier was set: not compared.)")
 def test_block_blob_access_tier(sides: tuple[Side, Side],
                                 request: pytest.FixtureRequest) -> None:
     def scenario(run: Run, cc: ContainerClient) -> None:
@@ -870,11 +856,6 @@ def test_block_blob_access_tier(sides: tuple[Side, Side],
     assert_agree(az, vm)
 
 
-@known_difference(
-    "a container name of the wrong length ('ab'): vmvault answers 400 InvalidResourceName; "
-    "Azurite answers 400 OutOfRangeInput 'The specified resource name length is not within "
-    "the permissible limits.', the code Azure uses for name lengths (InvalidResourceName is "
-    "for invalid characters)")
 def test_container_name_length(sides: tuple[Side, Side],
                                request: pytest.FixtureRequest) -> None:
     def scenario(run: Run, cc: ContainerClient) -> None:

@@ -3,11 +3,13 @@ real uvicorn server: Shared Key (account key) and SAS URLs, every supported oper
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +28,7 @@ from azure.storage.blob import (
 )
 
 from conftest_storage import BlobServer, blob_server  # noqa: F401
+from vmvault.storage import blob_endpoint
 from vmvault.storage.auth import blob_url, generate_blob_sas, generate_container_sas
 
 MiB = 1024 * 1024
@@ -335,3 +338,137 @@ def test_wire_format(blob_server: BlobServer, container: ContainerClient) -> Non
         assert r.status_code == 400 and r.headers["x-ms-error-code"] == "InvalidHeaderValue"
         r = http.get(f"{blob_server.url}/nosuchacct/c/b")
         assert r.status_code == 404 and r.headers["x-ms-error-code"] == "ResourceNotFound"
+
+
+# --- Azure's answers the differential test holds us to (tests/test_blob_azurite.py) -------
+
+
+def _crc64_b64(data: bytes) -> str:
+    return base64.b64encode(blob_endpoint.crc64_py(data).to_bytes(8, "little")).decode()
+
+
+def test_crc64() -> None:
+    """Azure Storage's CRC64: the known value, pieces, and the native module agreeing."""
+    assert _crc64_b64(b"a" * 512) == "u661BimQ84c="  # Azure's answer to Put Page of this
+    assert blob_endpoint.crc64_py(b"") == 0
+    data = os.urandom(5000)
+    assert blob_endpoint.crc64_py(data[1234:], blob_endpoint.crc64_py(data[:1234])) == \
+        blob_endpoint.crc64_py(data)
+    crc = blob_endpoint.Crc64()
+    crc.update_many([data[:10], data[10:]])
+    assert crc.header() == _crc64_b64(data)
+    if blob_endpoint._native_crc64 is not None:
+        assert blob_endpoint._native_crc64.compute(data, 0) == blob_endpoint.crc64_py(data)
+
+
+def test_crc64_without_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without azure-storage-extensions: pure Python up to CRC64_PY_MAX, then no header."""
+    monkeypatch.setattr(blob_endpoint, "_native_crc64", None)
+    crc = blob_endpoint.Crc64()
+    crc.update(b"a" * 512)
+    assert crc.header() == "u661BimQ84c="
+    crc.update(bytes(blob_endpoint.CRC64_PY_MAX))
+    assert crc.header() is None
+
+
+def test_write_checksums(blob_server: BlobServer, container: ContainerClient) -> None:  # noqa: F811
+    """x-ms-content-crc64 (no Content-MD5 sent) or Content-MD5 (sent) on Put Page, Put Block
+    and Put Blob; Put Block List answers the MD5 of its request body."""
+    seen: list[tuple[str, bytes | None, dict[str, str]]] = []
+
+    def hook(response: Any) -> None:
+        request, http_response = response.http_request, response.http_response
+        body = request.body if isinstance(request.body, bytes) else None
+        if isinstance(request.body, str):
+            body = request.body.encode()
+        seen.append((request.url, body,
+                     {k.lower(): v for k, v in http_response.headers.items()}))
+
+    svc = BlobServiceClient(blob_server.account_url, credential=blob_server.credential,
+                            max_single_put_size=64 * 1024, max_block_size=64 * 1024,
+                            raw_response_hook=hook)
+    cc = svc.get_container_client(container.container_name)
+    page = cc.get_blob_client("crc.vhd")
+    page.create_page_blob(8 * MiB)
+    got = page.upload_page(b"a" * 512, offset=0, length=512)
+    assert base64.b64encode(got["content_crc64"]).decode() == "u661BimQ84c="
+    assert got.get("content_md5") is None
+    got = page.upload_page(b"a" * 512, offset=512, length=512, validate_content=True)
+    assert got["content_md5"] == hashlib.md5(b"a" * 512).digest()
+    assert got.get("content_crc64") is None
+    big = os.urandom(4 * MiB)
+    got = page.upload_page(big, offset=4 * MiB, length=4 * MiB)
+    if blob_endpoint._native_crc64 is not None:
+        assert got["content_crc64"] == blob_endpoint._native_crc64.compute(
+            big, 0).to_bytes(8, "little")
+    else:  # too big for the pure-Python CRC64
+        assert got.get("content_crc64") is None
+
+    small = cc.get_blob_client("small.txt")
+    seen.clear()
+    small.upload_blob(b"hello")
+    headers = seen[-1][2]
+    assert headers["content-md5"] == base64.b64encode(hashlib.md5(b"hello").digest()).decode()
+    assert headers["x-ms-content-crc64"] == _crc64_b64(b"hello")
+
+    staged = cc.get_blob_client("staged.bin")
+    data = os.urandom(100 * 1024)
+    seen.clear()
+    staged.upload_blob(data)
+    blocks = [(body, h) for url, body, h in seen if "comp=block&" in url]
+    commits = [(body, h) for url, body, h in seen if "comp=blocklist" in url]
+    assert len(blocks) == 2 and len(commits) == 1
+    for body, h in blocks:
+        assert body is not None and "content-md5" not in h
+        if blob_endpoint._native_crc64 is not None or len(body) <= blob_endpoint.CRC64_PY_MAX:
+            assert h["x-ms-content-crc64"] == _crc64_b64(body)
+        else:  # too big for the pure-Python CRC64
+            assert "x-ms-content-crc64" not in h
+    body, h = commits[0]
+    assert body is not None and b"<BlockList>" in body
+    assert h["content-md5"] == base64.b64encode(hashlib.md5(body).digest()).decode()
+    assert staged.download_blob().readall() == data
+
+
+def test_listing_and_tiers_wire_format(blob_server: BlobServer,  # noqa: F811
+                                       container: ContainerClient) -> None:
+    """List Blobs as Azure writes it: a bare <Etag>, <Metadata /> for a blob without
+    metadata, Hot (inferred) for block blobs; Get Blob Properties says the same tier."""
+    container.get_blob_client("disk.vhd").create_page_blob(MiB)
+    container.get_blob_client("doc.txt").upload_blob(b"x", metadata={"k": "v"})
+    props = container.get_blob_client("doc.txt").get_blob_properties()
+    assert (props.blob_tier, props.blob_tier_inferred) == ("Hot", True)
+    page_props = container.get_blob_client("disk.vhd").get_blob_properties()
+    assert (page_props.blob_tier, page_props.blob_tier_inferred) == (None, None)
+    listed = {b.name: b for b in container.list_blobs()}
+    assert listed["doc.txt"].etag == props.etag.strip('"')
+    assert (listed["doc.txt"].blob_tier, listed["doc.txt"].blob_tier_inferred) == ("Hot", True)
+    assert listed["disk.vhd"].blob_tier is None
+    sas = generate_container_sas(blob_server.account.name, blob_server.account.key1,
+                                 container.container_name, "l",
+                                 datetime.now(UTC) + timedelta(hours=1))
+    url = (f"{blob_server.account_url}/{container.container_name}"
+           f"?restype=container&comp=list&include=metadata&{sas}")
+    with httpx.Client() as http:
+        root = ET.fromstring(http.get(url).content)
+    blobs = {b.findtext("Name"): b for b in root.iter("Blob")}
+    page_xml, doc_xml = blobs["disk.vhd"], blobs["doc.txt"]
+    assert (page_xml.findtext("Properties/Etag") or "").startswith("0x")
+    assert page_xml.find("Metadata") is not None and len(page_xml.find("Metadata") or []) == 0
+    assert page_xml.find("Properties/AccessTier") is None
+    assert doc_xml.findtext("Metadata/k") == "v"
+    assert doc_xml.findtext("Properties/AccessTier") == "Hot"
+    assert doc_xml.findtext("Properties/AccessTierInferred") == "true"
+
+
+def test_container_name_errors(svc: BlobServiceClient) -> None:
+    """A name of the wrong length is 400 OutOfRangeInput, checked before its characters;
+    a name of the right length with bad characters is 400 InvalidResourceName."""
+    for name, code in [("ab", "OutOfRangeInput"), ("a" * 64, "OutOfRangeInput"),
+                       ("A_", "OutOfRangeInput"), ("Bad_Name", "InvalidResourceName"),
+                       ("a--b", "InvalidResourceName")]:
+        with pytest.raises(HttpResponseError) as exc:
+            svc.create_container(name)
+        assert (exc.value.status_code, exc.value.error_code) == (400, code), name
+    svc.create_container("a" * 63).delete_container()
+    svc.create_container("abc").delete_container()

@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -51,6 +52,7 @@ from vmvault.storage.diskstore import (
 log = logging.getLogger("vmvault.blob")
 
 SERVER = "vmvault-blob/0.1 (Azure Blob REST compatible)"
+DEFAULT_TIER = "Hot"  # block blobs: the account's default tier, inferred (StorageV2)
 MAX_PAGE_WRITE = 4 * 1024 * 1024
 MAX_RANGE_MD5 = 4 * 1024 * 1024
 READ_CHUNK = 1 << 20
@@ -58,6 +60,10 @@ DEFAULT_MAX_RESULTS = 5000
 _VERSION_RE = re.compile(r"^\d{4}-\d\d-\d\d$")
 _METADATA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
+CONTAINER_NAME_LENGTH = (3, 63)
+# Without the native CRC64 the pure-Python one (~6 MB/s) computes x-ms-content-crc64 only
+# for bodies up to this size; larger ones get no CRC64 header.
+CRC64_PY_MAX = 16 * 1024
 
 # Content settings: sidecar field -> request header of Put Blob / Set Blob Properties.
 CONTENT_HEADERS = {
@@ -86,6 +92,77 @@ def http_date(dt: datetime) -> str:
 def _iso_now() -> str:
     now = datetime.now(UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}0Z"
+
+
+# --- CRC64 ----------------------------------------------------------------------------
+
+# Azure Storage's CRC64 (x-ms-content-crc64): the reflected polynomial 0x9A6C9329AC4BC9B5,
+# initial value and final XOR all ones, sent as the 8 bytes of the value, little-endian,
+# base64 (512 bytes of b"a" -> u661BimQ84c=), as the SDKs and Microsoft's native
+# azure-storage-extensions compute it.
+_CRC64_POLY = 0x9A6C9329AC4BC9B5
+_CRC64_MASK = (1 << 64) - 1
+
+
+def _crc64_table() -> list[int]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ _CRC64_POLY if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC64_TABLE = _crc64_table()
+
+
+def _load_native_crc64() -> Any:
+    """Microsoft's native Storage CRC64 (azure-storage-extensions, azure-storage-blob's
+    [ext-checksums] extra; ~1 GB/s), or None when it is not installed."""
+    try:
+        return importlib.import_module("azure.storage.extensions.checksums.crc64")
+    except ImportError:  # pragma: no cover - depends on what is installed
+        return None
+
+
+_native_crc64 = _load_native_crc64()
+
+
+def crc64_py(data: bytes, crc: int = 0) -> int:
+    """The pure-Python CRC64 (slow: for small bodies); ``crc`` continues an earlier one."""
+    table = _CRC64_TABLE
+    crc ^= _CRC64_MASK
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ _CRC64_MASK
+
+
+class Crc64:
+    """Azure Storage's CRC64 of a body received in pieces. ``header()`` is the
+    x-ms-content-crc64 value, or None where it was not computed: the body outgrew
+    CRC64_PY_MAX and the native implementation is not installed."""
+
+    def __init__(self) -> None:
+        self.crc = 0
+        self.size = 0
+        self.native = _native_crc64 is not None
+
+    def update(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.native:
+            self.crc = _native_crc64.compute(bytes(data), self.crc)
+        elif self.size <= CRC64_PY_MAX:
+            self.crc = crc64_py(data, self.crc)
+
+    def update_many(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.update(chunk)
+
+    def header(self) -> str | None:
+        if not self.native and self.size > CRC64_PY_MAX:
+            return None
+        return base64.b64encode(self.crc.to_bytes(8, "little")).decode()
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -353,7 +430,7 @@ def _blob_xml(p: BlobProperties, with_metadata: bool) -> str:
     props = [
         _x("Creation-Time", http_date(p.created)),
         _x("Last-Modified", http_date(p.last_modified)),
-        _x("Etag", p.etag),
+        _x("Etag", p.etag.strip('"')),  # bare in List Blobs (quoted in headers)
         _x("Content-Length", p.size),
         _x("Content-Type", p.content_type or "application/octet-stream"),
         _x("Content-Encoding", p.content_encoding),
@@ -364,15 +441,18 @@ def _blob_xml(p: BlobProperties, with_metadata: bool) -> str:
     ]
     if p.blob_type == PAGE_BLOB:
         props.append(_x("x-ms-blob-sequence-number", p.sequence_number))
-    props += [_x("BlobType", p.blob_type), _x("LeaseStatus", "unlocked"),
-              _x("LeaseState", "available"), _x("ServerEncrypted", "false")]
+    props.append(_x("BlobType", p.blob_type))
+    if p.blob_type == BLOCK_BLOB:
+        props += [_x("AccessTier", DEFAULT_TIER), _x("AccessTierInferred", "true")]
+    props += [_x("LeaseStatus", "unlocked"), _x("LeaseState", "available"),
+              _x("ServerEncrypted", "false")]
     parts = ["<Blob>", _x("Name", p.name)]
     if p.snapshot:
         parts.append(_x("Snapshot", p.snapshot))
     parts.append("<Properties>" + "".join(props) + "</Properties>")
-    if with_metadata:
-        parts.append("<Metadata>" + "".join(_x(k, v) for k, v in p.metadata.items())
-                     + "</Metadata>")
+    if with_metadata:  # <Metadata /> for a blob without metadata, as Azure sends it
+        items = "".join(_x(k, v) for k, v in p.metadata.items())
+        parts.append(f"<Metadata>{items}</Metadata>" if items else "<Metadata />")
     parts.append("</Blob>")
     return "".join(parts)
 
@@ -438,6 +518,30 @@ async def _receive_into(request: Request, sink: Any, batch_size: int = 4 << 20) 
         if pending is not None and not pending.done():
             with contextlib.suppress(BaseException):
                 await pending
+
+
+def _tee(sink: Any, crc: Crc64 | None) -> Any:
+    """sink, also feeding crc (when there is one) with the chunks."""
+    if crc is None:
+        return sink
+
+    def both(chunks: list[bytes]) -> None:
+        crc.update_many(chunks)
+        sink(chunks)
+
+    return both
+
+
+def _crc64_of(data: bytes) -> Crc64:
+    crc = Crc64()
+    crc.update(data)
+    return crc
+
+
+def _add_crc64(headers: dict[str, str], crc: Crc64 | None) -> None:
+    value = crc.header() if crc is not None else None
+    if value is not None:
+        headers["x-ms-content-crc64"] = value
 
 
 class BlobService:
@@ -559,8 +663,8 @@ class Operation:
                      + _x("HasImmutabilityPolicy", "false") + _x("HasLegalHold", "false"))
             meta = ""
             if "metadata" in include:
-                meta = "<Metadata>" + "".join(_x(k, v) for k, v in c.metadata.items()) + \
-                       "</Metadata>"
+                pairs = "".join(_x(k, v) for k, v in c.metadata.items())
+                meta = f"<Metadata>{pairs}</Metadata>" if pairs else "<Metadata />"
             parts.append(f"<Container>{_x('Name', c.name)}<Properties>{props}</Properties>"
                          f"{meta}</Container>")
         endpoint = str(self.request.base_url).rstrip("/") + f"/{self.account}/"
@@ -596,6 +700,10 @@ class Operation:
                 if self.headers.get("x-ms-blob-public-access"):
                     raise _error(409, "PublicAccessNotPermitted",
                                  "Public access is not permitted on this storage account.")
+                low, high = CONTAINER_NAME_LENGTH
+                if not low <= len(self.container) <= high:  # before the characters
+                    raise _error(400, "OutOfRangeInput", "The specified resource name length "
+                                 "is not within the permissible limits.")
                 info = await self.call(self.store.create_container, self.account,
                                        self.container, metadata=_metadata(self.headers))
                 return Response(status_code=201, headers={
@@ -738,6 +846,9 @@ class Operation:
         props = await self._props(self.query.get("snapshot"))
         status = check_conditions(self.headers, props, write=False)
         headers = blob_headers(props)
+        if props.blob_type == BLOCK_BLOB:  # Get Blob Properties only (not Get Blob)
+            headers["x-ms-access-tier"] = DEFAULT_TIER
+            headers["x-ms-access-tier-inferred"] = "true"
         headers.update(self.auth.overrides())
         headers["Content-Length"] = str(props.size)
         return Response(status_code=status or 200, headers=headers)
@@ -831,8 +942,9 @@ class Operation:
             content["content_md5"] = declared_md5
         writer = await self.call(self.store.block_blob_writer, self.account, self.container,
                                  self.blob, metadata=metadata, content=content)
+        crc = None if declared_md5 else Crc64()
         try:
-            await _receive_into(self.request, writer.write_many)
+            await _receive_into(self.request, _tee(writer.write_many, crc))
             if declared_md5:
                 actual = base64.b64encode(writer.md5.digest()).decode()
                 if actual != declared_md5:
@@ -847,6 +959,7 @@ class Operation:
         headers = self._write_headers(props)
         if props.content_md5:
             headers["Content-MD5"] = props.content_md5
+        _add_crc64(headers, crc)
         return Response(status_code=201, headers=headers)
 
     async def put_page(self) -> Response:
@@ -897,6 +1010,8 @@ class Operation:
                                  "MD5 value calculated by the server.",
                                  UserSpecifiedMd5=declared_md5, ServerCalculatedMd5=actual)
                 headers["Content-MD5"] = actual
+            else:  # Azure answers the CRC64 of the data when it was sent no MD5
+                _add_crc64(headers, await self.call(_crc64_of, body))
             props = await self.call(self.store.write_pages, self.account, self.container,
                                     self.blob, start, body)
         headers.update(self._write_headers(props))
@@ -1005,8 +1120,9 @@ class Operation:
         stager = await self.call(self.store.block_stager, self.account, self.container,
                                  self.blob, block_id)
         declared_md5 = self.headers.get("content-md5")
+        crc = None if declared_md5 else Crc64()
         try:
-            await _receive_into(self.request, stager.write_many)
+            await _receive_into(self.request, _tee(stager.write_many, crc))
             actual = base64.b64encode(stager.md5.digest()).decode()
             if declared_md5 and declared_md5 != actual:
                 raise _error(400, "Md5Mismatch",
@@ -1020,6 +1136,7 @@ class Operation:
         headers = {"x-ms-request-server-encrypted": "false"}
         if declared_md5:
             headers["Content-MD5"] = actual
+        _add_crc64(headers, crc)
         return Response(status_code=201, headers=headers)
 
     async def put_block_list(self) -> Response:
@@ -1037,7 +1154,10 @@ class Operation:
         props = await self.call(self.store.commit_block_list, self.account, self.container,
                                 self.blob, blocks, metadata=_metadata(self.headers),
                                 content=_content_from(self.headers, False))
-        return Response(status_code=201, headers=self._write_headers(props))
+        headers = self._write_headers(props)
+        # The MD5 of the request body (the block list), not of the blob, as Azure sends it.
+        headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        return Response(status_code=201, headers=headers)
 
     async def get_block_list(self) -> Response:
         auth.require_permission(self.auth, "r")
