@@ -73,7 +73,7 @@ def test_full_incremental_restore_vault_and_snapshot(stack: Stack, names: dict[s
     protect(stack, n)
     first = backup(stack, n)
     p1 = first["properties"]
-    assert p1["status"] == "Completed"
+    assert p1["status"] == "Completed", p1.get("errorDetails")
     assert [t["taskId"] for t in p1["extendedInfo"]["tasksList"]] == [
         "Take Snapshot", "Transfer data to vault"]
     assert all(t["status"] == "Completed" for t in p1["extendedInfo"]["tasksList"])

@@ -19,6 +19,8 @@ _RULES: dict[str, tuple[str, str]] = {
               "2-50 letters, digits and '-', starting with a letter"),
     "policy": (r"^[A-Za-z][A-Za-z0-9_-]{0,149}$", "1-150 letters, digits, '-' and '_', starting "
                "with a letter"),
+    "extension": (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                  "1-64 letters, digits, '.', '-' and '_', starting with a letter or digit"),
     "location": (r"^[a-z0-9]{2,40}$", "a region name such as 'eastus' or 'westeurope'"),
 }
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
 )
@@ -86,11 +87,63 @@ class VirtualMachine(Base):
     runtime: Mapped[str] = mapped_column(String(16), default="lab")
     mounted: Mapped[bool] = mapped_column(default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # The goal state's incarnation: bumped whenever the VM's extensions change.
+    incarnation: Mapped[int] = mapped_column(Integer, default=0)
     group: Mapped[ResourceGroup] = relationship()
     storage_account: Mapped[StorageAccount] = relationship()
     disks: Mapped[list[Disk]] = relationship(
         back_populates="vm", order_by="Disk.lun", cascade="all, delete-orphan"
     )
+    agent: Mapped[VmAgent | None] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", uselist=False
+    )
+    extensions: Mapped[list[VmExtension]] = relationship(
+        back_populates="vm", order_by="VmExtension.name", cascade="all, delete-orphan"
+    )
+
+
+class VmAgent(Base):
+    """The VM agent (vmvault-agent) of one VM: its registration and what it last reported."""
+
+    __tablename__ = "vm_agents"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("virtual_machines.id"), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the registration token
+    certificate: Mapped[str | None] = mapped_column(Text, default=None)  # PEM
+    thumbprint: Mapped[str | None] = mapped_column(String(40), default=None)
+    version: Mapped[str | None] = mapped_column(String(32), default=None)
+    status: Mapped[str] = mapped_column(String(32), default="NotReady")
+    message: Mapped[str] = mapped_column(Text, default="")
+    registered: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
+    last_heartbeat: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
+    load: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    handlers: Mapped[list[Any]] = mapped_column(default=list)  # last reported handler statuses
+    vm: Mapped[VirtualMachine] = relationship(back_populates="agent")
+
+
+class VmExtension(Base):
+    """An extension in a VM's goal state (Microsoft.Compute/virtualMachines/extensions)."""
+
+    __tablename__ = "vm_extensions"
+    __table_args__ = (UniqueConstraint("vm_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("virtual_machines.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    publisher: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(32))  # typeHandlerVersion
+    auto_upgrade_minor_version: Mapped[bool] = mapped_column(default=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # public settings
+    # Protected settings, as base64 CMS encrypted to the VM's certificate: only the guest
+    # can read them.
+    protected_settings: Mapped[str | None] = mapped_column(Text, default=None)
+    sequence_number: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled|disabled|uninstall
+    provisioning_state: Mapped[str] = mapped_column(String(32), default="Creating")
+    # The handler's last status for this sequence number, as the agent reported it.
+    instance_view: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    vm: Mapped[VirtualMachine] = relationship(back_populates="extensions")
 
 
 class Disk(Base):

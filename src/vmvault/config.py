@@ -114,3 +114,40 @@ def api_url() -> str:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else default
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class GuestSettings:
+    """How the server deals with VM agents; each can be set by an environment variable of the
+    server ('vmvault up' passes its own environment on)."""
+
+    min_agent_version: str = "0.1.0"  # VMVAULT_MIN_AGENT_VERSION
+    agent_stale_seconds: float = 60.0  # VMVAULT_AGENT_STALE_SECONDS: no heartbeat -> B2
+    pickup_seconds: float = 120.0  # VMVAULT_AGENT_PICKUP_SECONDS: goal state not taken -> B5
+    snapshot_seconds: float = 900.0  # VMVAULT_SNAPSHOT_SECONDS: the extension's whole run
+    sas_ttl_seconds: float = 7200.0  # VMVAULT_SAS_TTL_SECONDS: life of the disks' SAS URIs
+    load_limit_percent: float = 90.0  # VMVAULT_GUEST_LOAD_LIMIT: above it, snapshots wait (S4)
+    heartbeat_seconds: float = 2.0  # VMVAULT_AGENT_HEARTBEAT_SECONDS, told to lab agents
+    agent_stop_seconds: float = 20.0  # VMVAULT_AGENT_STOP_SECONDS: SIGTERM, then SIGKILL
+
+    @classmethod
+    def from_env(cls) -> GuestSettings:
+        d = cls()
+        return cls(
+            min_agent_version=os.environ.get("VMVAULT_MIN_AGENT_VERSION") or d.min_agent_version,
+            agent_stale_seconds=_env_float("VMVAULT_AGENT_STALE_SECONDS", d.agent_stale_seconds),
+            pickup_seconds=_env_float("VMVAULT_AGENT_PICKUP_SECONDS", d.pickup_seconds),
+            snapshot_seconds=_env_float("VMVAULT_SNAPSHOT_SECONDS", d.snapshot_seconds),
+            sas_ttl_seconds=_env_float("VMVAULT_SAS_TTL_SECONDS", d.sas_ttl_seconds),
+            load_limit_percent=_env_float("VMVAULT_GUEST_LOAD_LIMIT", d.load_limit_percent),
+            heartbeat_seconds=_env_float("VMVAULT_AGENT_HEARTBEAT_SECONDS", d.heartbeat_seconds),
+            agent_stop_seconds=_env_float("VMVAULT_AGENT_STOP_SECONDS", d.agent_stop_seconds),
+        )

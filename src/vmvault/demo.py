@@ -243,14 +243,20 @@ def run(keep: bool) -> None:
     vmvault("backup", "protection", "enable-for-vm", "-g", RG, "-v", VAULT, "--vm", VM,
             "--policy-name", "DefaultPolicy", "-o", "table")
 
-    say("First backup (full)")
+    say("The VM agent runs in the guest and has registered with the server")
+    vmvault("vm", "agent", "show", "-g", RG, "--vm-name", VM, "-o", "table")
+
+    say("First backup (full; the VM agent installs the VMSnapshot extension, which freezes the "
+        "file systems, snapshots the disks and thaws)")
     job = vmvault("backup", "protection", "backup-now", *item, "--retain-until", retain,
                   "-o", "json", capture=True)
     first = wait(job["name"])
     bag = first["properties"]["extendedInfo"]["propertyBag"]
     first_rp = bag["Recovery Point Name"]
-    print(f"   recovery point {first_rp}: scanned {bag['Data Scanned']}, "
+    print(f"   recovery point {first_rp}: {bag['Consistency']}, freeze window "
+          f"{bag.get('Freeze Window (ms)', '-')} ms, scanned {bag['Data Scanned']}, "
           f"added {bag['Backup Size']}")
+    vmvault("vm", "extension", "list", "--resource-group", RG, "--vm-name", VM, "-o", "table")
 
     say("Change 1% of the data")
     if root and vm["disksMounted"]:
@@ -306,8 +312,8 @@ def run(keep: bool) -> None:
     if not keep:
         say("Stop the stack")
         vmvault("down", "-o", "none")
-    mode = ("mounted ext4/xfs disks, files checked" if root and vm["disksMounted"]
-            else "no root: crash-consistent, raw disks checked")
+    mode = ("mounted ext4/xfs disks frozen by the VMSnapshot extension, files checked"
+            if root and vm["disksMounted"] else "no root: crash-consistent, raw disks checked")
     print(f"\nDEMO SUCCEEDED: {checked} checksums match the first backup ({mode}).")
 
 

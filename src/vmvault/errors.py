@@ -99,6 +99,89 @@ VM_PROVISIONING_FAILED = _entry(
     409,
     row="B3",
 )
+# --- VM agent and extensions (the guest path) -----------------------------------
+AGENT_UNREACHABLE = _entry(
+    "UserErrorGuestAgentStatusUnavailable",
+    "The VM agent of '{name}' is unreachable: {reason}",
+    "Check the VM's network, and that the VM agent is running and up to date "
+    "('vmvault vm agent show'); restart it with 'vmvault vm agent restart'.",
+    409,
+    row="B2",
+)
+AGENT_NOT_RESPONDING = _entry(
+    "GuestAgentSnapshotTaskStatusError",
+    "The VM agent of '{name}' is not responding: {reason}",
+    "Restart or reinstall the VM agent ('vmvault vm agent restart'), then retry the backup.",
+    409,
+    row="B5",
+)
+AGENT_TOO_OLD = _entry(
+    "UserErrorGuestAgentVersionNotSupported",
+    "The VM agent of '{name}' is version {version}, older than the minimum {minimum}; "
+    "the extension operation was not started.",
+    "Update the VM agent to version {minimum} or later, then retry.",
+    409,
+    row="B6",
+)
+AGENT_NOT_INSTALLED = _entry(
+    "UserErrorGuestAgentNotInstalled",
+    "Installing the backup extension failed: the VM '{name}' has no VM agent.",
+    "Install the VM agent ('vmvault vm agent install'), then retry the backup.",
+    409,
+    row="B11",
+)
+FS_FREEZE_FAILED = _entry(
+    "UserErrorFsFreezeFailed",
+    "Freezing one or more mount points of the VM '{name}' failed: {reason}",
+    "Check each file system's state (tune2fs -l for ext4, xfs_info for xfs); unmount and fsck "
+    "the unclean ones, and make sure no other tool holds a mount frozen; then retry.",
+    409,
+    row="B14",
+)
+SNAPSHOT_NO_NETWORK = _entry(
+    "ExtensionSnapshotFailedNoNetwork",
+    "The snapshot extension could not reach the storage of the VM '{name}': {reason}",
+    "Allow the VM to reach the Blob endpoint (network, proxy settings of the agent), then retry.",
+    409,
+    row="S1",
+)
+SNAPSHOT_AUTH_FAILED = _entry(
+    "ExtensionSnapshotFailedAuthorization",
+    "The storage refused the snapshot extension's SAS for the VM '{name}': {reason}",
+    "Check that the clocks of the VM and of the vmvault server agree (an expired SAS), then "
+    "retry the backup.",
+    409,
+    row="S1",
+)
+GUEST_OVERLOADED = _entry(
+    "UserErrorGuestResourcesOverloaded",
+    "The snapshot of the VM '{name}' was queued and timed out: the guest's {resource} use is "
+    "above {limit}% ({value}%).",
+    "Take an on-demand backup when the VM is less busy, or move the policy's time to a quieter "
+    "hour.",
+    409,
+    row="S4",
+)
+EXTENSION_FAILED = _entry(
+    "ExtensionOperationFailed",
+    "The extension {extension} on the VM '{name}' failed: {reason}",
+    "Read the extension's status ('vmvault vm extension show') and log; fix what it names and "
+    "retry.",
+    409,
+)
+EXTENSION_SETTINGS_INVALID = _entry(
+    "UserErrorExtensionSettingsInvalid",
+    "The settings of extension {extension} are invalid: {reason}",
+    "Correct the field named and set the extension again.",
+    400,
+)
+AGENT_AUTH_FAILED = _entry(
+    "AgentAuthenticationFailed",
+    "The VM agent's request was refused: {reason}",
+    "Restart the agent so that it registers again ('vmvault vm agent restart').",
+    401,
+)
+
 STORAGE_ACCOUNT_NOT_ONLINE = _entry(
     "UserErrorStorageAccountNotOnline",
     "The storage account '{name}' is not online.",

@@ -23,8 +23,8 @@ from vmvault.fabric import vms
 log = logging.getLogger("vmvault.server")
 
 
-def build(blob_url: str) -> tuple[FastAPI, jobs.JobRunner, Context]:
-    ctx = Context.open(paths(), blob_url)
+def build(blob_url: str, api_url: str = "") -> tuple[FastAPI, jobs.JobRunner, Context]:
+    ctx = Context.open(paths(), blob_url, api_url=api_url)
     failed = jobs.fail_orphans(ctx, lambda s, job: backup.cleanup_orphan(ctx, s, job))
     for job_id in failed:
         log.warning("job %s was left in progress by a stopped server: marked Failed", job_id)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app, _runner, _ctx = build(args.blob_url)
+    app, _runner, _ctx = build(args.blob_url, f"http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -15,11 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from vmvault import __version__, arm
+from vmvault.api import agent as agent_api
 from vmvault.config import SUBSCRIPTION_ID
 from vmvault.context import Context
 from vmvault.control import backup, jobs, policies, protection, restore, vaults
 from vmvault.errors import VmvaultError, invalid
-from vmvault.fabric import groups, storage_accounts, vms
+from vmvault.fabric import agents, deployments, extensions, groups, storage_accounts, vms
 
 Json = dict[str, Any]
 SUB = "/subscriptions/{subscription}"
@@ -131,6 +132,7 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
             os_disk_fs_type=str(p.get("osDiskFsType", "ext4")),
             data_disk_fs_types=[str(x) for x in p.get("dataDiskFsTypes") or []],
             location=body.get("location"), size=str(p.get("vmSize", "Standard_B2s")),
+            enable_agent=bool(p.get("provisionVMAgent", True)),
         )
 
     @app.get(COMPUTE + "/{name}")
@@ -150,12 +152,59 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
         return vms.start(ctx, group, name)
 
     @app.post(COMPUTE + "/{name}/powerOff")
-    def power_off_vm(subscription: str, group: str, name: str) -> Json:
-        return vms.power_off(ctx, group, name)
+    def power_off_vm(subscription: str, group: str, name: str, noWait: bool = False) -> Json:  # noqa: N803
+        return vms.power_off(ctx, group, name, no_wait=noWait)
 
     @app.post(COMPUTE + "/{name}/deallocate")
-    def deallocate_vm(subscription: str, group: str, name: str) -> Json:
-        return vms.power_off(ctx, group, name, deallocate=True)
+    def deallocate_vm(subscription: str, group: str, name: str, noWait: bool = False) -> Json:  # noqa: N803
+        return vms.power_off(ctx, group, name, deallocate=True, no_wait=noWait)
+
+    @app.get(COMPUTE + "/{name}/instanceView")
+    def vm_instance_view(subscription: str, group: str, name: str) -> Json:
+        with ctx.catalog.session() as s:
+            vm = vms.get(s, group, name)
+            return {"vmAgent": agents.instance_view(ctx, vm),
+                    "extensions": [extensions.to_arm(vm, e)["instanceView"]
+                                   for e in vm.extensions],
+                    "statuses": [{"code": f"ProvisioningState/{vm.provisioning_state.lower()}"},
+                                 {"code": f"PowerState/{vm.power_state}",
+                                  "displayStatus": f"VM {vm.power_state}"}]}
+
+    # The lab's VM agent (a real VM's would be managed inside the guest).
+    @app.post(COMPUTE + "/{name}/vmAgent/{action}")
+    def vm_agent_action(subscription: str, group: str, name: str, action: str) -> Json:
+        return agents.lab_action(ctx, group, name, action)
+
+    # --- VM extensions ----------------------------------------------------------------------------
+    @app.put(COMPUTE + "/{name}/extensions/{ext}")
+    def put_extension(subscription: str, group: str, name: str, ext: str,
+                      body: Json = Body(default={})) -> Json:
+        p = _props(body)
+        return extensions.set_extension(
+            ctx, group, name, ext, str(p.get("publisher", "")),
+            p.get("typeHandlerVersion"), p.get("settings"), p.get("protectedSettings"),
+            bool(p.get("autoUpgradeMinorVersion", True)), p.get("type"))
+
+    @app.get(COMPUTE + "/{name}/extensions/{ext}")
+    def get_extension(subscription: str, group: str, name: str, ext: str) -> Json:
+        return extensions.show(ctx, group, name, ext)
+
+    @app.get(COMPUTE + "/{name}/extensions")
+    def list_extensions(subscription: str, group: str, name: str) -> Json:
+        return {"value": extensions.list_all(ctx, group, name)}
+
+    @app.delete(COMPUTE + "/{name}/extensions/{ext}")
+    def delete_extension(subscription: str, group: str, name: str, ext: str) -> Response:
+        extensions.delete(ctx, group, name, ext)
+        return Response(status_code=200)
+
+    # --- deployments (ARM templates) ------------------------------------------------------------
+    @app.put(RG + "/providers/Microsoft.Resources/deployments/{deployment}")
+    def put_deployment(subscription: str, group: str, deployment: str,
+                       body: Json = Body(default={})) -> Json:
+        p = _props(body)
+        return deployments.create(ctx, group, deployment, p.get("template"),
+                                  p.get("parameters") or {})
 
     @app.delete(COMPUTE + "/{name}")
     def delete_vm(subscription: str, group: str, name: str) -> Response:
@@ -274,4 +323,5 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
         with ctx.catalog.session() as s:
             return jobs.to_arm(jobs.get(s, vaults.get(s, group, vault), job))
 
+    app.include_router(agent_api.router(ctx))
     return app

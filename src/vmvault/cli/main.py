@@ -20,7 +20,8 @@ from vmvault import __version__
 from vmvault.errors import VmvaultError
 
 COMMAND_MODULES = [
-    "stack", "group", "storage", "vm", "backup_vault", "backup_policy", "backup_protection",
+    "stack", "group", "storage", "vm", "vm_extension", "deployment", "backup_vault",
+    "backup_policy", "backup_protection",
     "backup_item", "backup_container", "backup_job", "backup_recoverypoint", "backup_restore",
 ]
 

@@ -1,11 +1,10 @@
 """One backup, end to end: preflight, "Take Snapshot", "Transfer data to vault".
 
-Until the guest agent and the VMSnapshot extension are in the path (a later
-issue), the server takes the disk snapshots itself: it flushes the mounted file
-systems and snapshots every disk blob. Such a recovery point is crash-consistent,
-and says so. The transfer reads only what changed since the previous snapshot
-(extent maps of reflinked snapshots), and the vault writes the manifest last,
-so a recovery point is whole or absent.
+"Take Snapshot" goes through the guest (control/vmsnapshot.py): the VM agent runs the
+VMSnapshot extension, which freezes the file systems, snapshots every disk through SAS URIs
+and thaws; the recovery point records the consistency reached and the freeze window. The
+transfer reads only what changed since the previous snapshot (extent maps of reflinked
+snapshots), and the vault writes the manifest last, so a recovery point is whole or absent.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -24,7 +22,7 @@ from sqlalchemy.orm import Session
 from vmvault import arm
 from vmvault.catalog import Job, ProtectedItem, RecoveryPoint, VirtualMachine, utcnow
 from vmvault.context import Context
-from vmvault.control import jobs, policies, protection, vaults
+from vmvault.control import jobs, policies, protection, vaults, vmsnapshot
 from vmvault.errors import (
     BACKUP_INTERNAL,
     STORAGE_ACCOUNT_NOT_ONLINE,
@@ -34,7 +32,7 @@ from vmvault.errors import (
     VmvaultError,
     invalid,
 )
-from vmvault.fabric import lab, vms
+from vmvault.fabric import agents, vms
 from vmvault.vault import DiskSource
 
 log = logging.getLogger(__name__)
@@ -76,7 +74,8 @@ def new_rp_name() -> str:
 
 
 def preflight(s: Session, pi: ProtectedItem, ctx: Context) -> VirtualMachine:
-    """The checks before a snapshot, each failure mapped to its catalog row."""
+    """The checks before a snapshot, each failure mapped to its catalog row (B1, B3, B12, R8,
+    then the agent's: B11, B6, B2)."""
     vm = vms.find(s, pi.vm_group, pi.vm_name)
     if vm is None:
         raise VmvaultError(VM_NOT_FOUND, name=pi.vm_name)
@@ -87,27 +86,9 @@ def preflight(s: Session, pi: ProtectedItem, ctx: Context) -> VirtualMachine:
                            state=f"VM {vm.power_state}, provisioning {vm.provisioning_state}")
     if ctx.store.get_account(vm.storage_account.name).status != "online":
         raise VmvaultError(STORAGE_ACCOUNT_NOT_ONLINE, name=vm.storage_account.name)
+    if vm.power_state == "running":  # a VM that is shut down is snapshotted by the host
+        agents.check_ready(ctx, vm)
     return vm
-
-
-def take_snapshots(ctx: Context, vm: VirtualMachine, job_id: str) -> list[dict[str, Any]]:
-    """Flush the mounted file systems, then snapshot every disk blob (crash-consistent)."""
-    account = vm.storage_account.name
-    for d in vm.disks:
-        if d.mount_point and lab.is_mounted(Path(d.mount_point)):
-            lab.sync_filesystem(Path(d.mount_point))
-    taken: list[dict[str, Any]] = []
-    try:
-        for d in vm.disks:
-            snap = ctx.store.snapshot_blob(account, d.container, d.blob,
-                                           metadata={"vmvaultjobid": job_id})
-            taken.append({"name": d.name, "lun": d.lun, "size": d.size_bytes, "fsType": d.fs_type,
-                          "account": account, "container": d.container, "blob": d.blob,
-                          "snapshot": snap})
-    except BaseException:
-        drop_snapshots(ctx, taken)
-        raise
-    return taken
 
 
 def drop_snapshots(ctx: Context, disks: list[dict[str, Any]]) -> None:
@@ -147,6 +128,11 @@ def _disk_sources(ctx: Context, disks: list[dict[str, Any]],
 def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
     with ctx.catalog.session() as s:
         job = s.scalars(select(Job).where(Job.job_id == handle.job_id)).one()
+        assert job.item is not None
+        vm_group, vm_name = job.item.vm_group, job.item.vm_name
+    agents.wait_registered(ctx, vm_group, vm_name)
+    with ctx.catalog.session() as s:
+        job = s.scalars(select(Job).where(Job.job_id == handle.job_id)).one()
         pi = job.item
         assert pi is not None
         try:
@@ -159,14 +145,23 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
         vault = pi.vault
         expiry = arm.parse_date(job.parameters["retainUntil"], "retainUntil")
         instant_days = policies.instant_rp_days(pi.policy)
-
-        handle.start_task(TAKE_SNAPSHOT)
-        snap_time = utcnow()
-        disks = take_snapshots(ctx, vm, handle.job_id)
+        vm_pk = vm.id
         vm_info = {"vmName": vm.name, "vmId": vm.vm_id, "vmSize": vm.size,
                    "location": vm.location, "resourceGroup": vm.group.name}
+
+    handle.start_task(TAKE_SNAPSHOT)
+    snap_time = utcnow()
+    try:
+        snap = vmsnapshot.take(ctx, vm_pk, handle.job_id)
+    except VmvaultError:
+        _mark_item(ctx, item_id, "Failed")
+        raise
+    disks, consistency = snap.disks, snap.consistency
     rp_name = new_rp_name()
-    handle.set_result(**{"Recovery Point Name": rp_name, "Snapshot Time": arm.iso(snap_time)})
+    freeze = {} if snap.freeze_window_ms is None else {
+        "Freeze Window (ms)": f"{snap.freeze_window_ms:.0f}"}
+    handle.set_result(**{"Recovery Point Name": rp_name, "Snapshot Time": arm.iso(snap_time),
+                         "Consistency": consistency, **freeze})
     handle.end_task(TAKE_SNAPSHOT)
 
     handle.start_task(TRANSFER)
@@ -180,7 +175,8 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
                                          for s in sources]
             stats = repo.backup(
                 rp_name, sources, parent=parent,
-                metadata={"vm": vm_info, "disks": disks, "consistency": "CrashConsistent",
+                metadata={"vm": vm_info, "disks": disks, "consistency": consistency,
+                          "freezeWindowMs": snap.freeze_window_ms,
                           "jobId": handle.job_id, "time": arm.iso(snap_time)},
                 progress=lambda done, total: handle.progress(TRANSFER, done, total),
             )
@@ -198,12 +194,12 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
         "bytesTotal": stats.bytes_total, "bytesScanned": stats.bytes_scanned,
         "bytesAdded": stats.bytes_added, "chunksNew": stats.chunks_new,
         "chunksReused": stats.chunks_reused, "durationSeconds": round(stats.duration_s, 3),
-        "incremental": parent is not None,
+        "incremental": parent is not None, "freezeWindowMs": snap.freeze_window_ms,
     }
     with ctx.catalog.session() as s:
         pi = s.get_one(ProtectedItem, item_id)
         s.add(RecoveryPoint(name=rp_name, item=pi, job_id=handle.job_id, time=snap_time,
-                            consistency="CrashConsistent", expiry=expiry, disks=disks,
+                            consistency=consistency, expiry=expiry, disks=disks,
                             stats=transfer))
         pi.last_snapshots = {"recoveryPoint": rp_name,
                              "disks": {d["name"]: d for d in disks}}
@@ -216,7 +212,6 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
         "Backup Size": f"{stats.bytes_added / 2**20:.1f} MiB",
         "Data Scanned": f"{stats.bytes_scanned / 2**20:.1f} MiB",
         "Incremental": str(parent is not None),
-        "Consistency": "CrashConsistent",
     })
     return "Completed"
 

@@ -188,6 +188,7 @@ def rp_to_arm(rp: RecoveryPoint) -> dict[str, Any]:
                                       "diskSizeBytes": d["size"]} for d in rp.disks],
             },
             "backupJobId": rp.job_id,
+            "freezeWindowMilliseconds": rp.stats.get("freezeWindowMs"),
             "transferStats": rp.stats,
         },
     }

@@ -9,6 +9,8 @@ stopping and deallocating in between.
 from __future__ import annotations
 
 import logging
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from vmvault.errors import (
     invalid,
     not_found,
 )
-from vmvault.fabric import groups, lab, storage_accounts
+from vmvault.fabric import agents, groups, lab, storage_accounts
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,9 @@ def to_arm(ctx: Context, vm: VirtualMachine) -> dict[str, Any]:
         "powerState": f"VM {vm.power_state}",
         "guestRuntime": vm.runtime,
         "disksMounted": vm.mounted,
+        "osProfile": {"linuxConfiguration": {"provisionVMAgent": vm.agent is not None}},
+        "resources": [{"name": e.name, "publisher": e.publisher, "typeHandlerVersion": e.version,
+                       "provisioningState": e.provisioning_state} for e in vm.extensions],
         "timeCreated": arm.iso(vm.created),
     }
 
@@ -112,7 +117,8 @@ def _check_sizes(os_disk_size_gb: int, data_disk_sizes_gb: list[int],
 def create(ctx: Context, group: str, name: str, storage_account: str, *,
            os_disk_size_gb: int = 4, data_disk_sizes_gb: list[int] | None = None,
            os_disk_fs_type: str = "ext4", data_disk_fs_types: list[str] | None = None,
-           location: str | None = None, size: str = "Standard_B2s") -> dict[str, Any]:
+           location: str | None = None, size: str = "Standard_B2s",
+           enable_agent: bool = True) -> dict[str, Any]:
     arm.check_name("virtual machine", name)
     data_sizes = list(data_disk_sizes_gb or [])
     data_fs = list(data_disk_fs_types or [])
@@ -148,7 +154,11 @@ def create(ctx: Context, group: str, name: str, storage_account: str, *,
                                      fs_type=fs, blob=blob, container=DISK_CONTAINER))
             s.flush()
             _start_disks(ctx, vm)
+            if enable_agent:
+                agents.install(ctx, vm)
+                agents.start(ctx, vm)
         except BaseException:
+            agents.stop(ctx, vm, timeout=5)
             _stop_disks(vm)
             for d in vm.disks:
                 ctx.store.delete_blob(account.name, DISK_CONTAINER, d.blob,
@@ -208,36 +218,64 @@ def start(ctx: Context, group: str, name: str) -> dict[str, Any]:
         if vm.power_state != "running":
             _start_disks(ctx, vm)
             vm.power_state = "running"
+        agents.start(ctx, vm)
         return to_arm(ctx, vm)
 
 
-def power_off(ctx: Context, group: str, name: str, deallocate: bool = False) -> dict[str, Any]:
+def power_off(ctx: Context, group: str, name: str, deallocate: bool = False,
+              no_wait: bool = False) -> dict[str, Any]:
+    """Stop (or deallocate) a VM: the VM is 'stopping' while its agent shuts down (SIGTERM, then
+    SIGKILL after a bound) and its disks are unmounted."""
     with ctx.catalog.session() as s:
         vm = get(s, group, name)
         _require_settled(vm)
-        _stop_disks(vm)
-        vm.power_state = "deallocated" if deallocate else "stopped"
-        return to_arm(ctx, vm)
+        vm.power_state = "deallocating" if deallocate else "stopping"
+        vm_pk = vm.id
+        result = to_arm(ctx, vm)
+    if no_wait:
+        threading.Thread(target=_finish_power_off, args=(ctx, vm_pk, deallocate),
+                         daemon=True).start()
+        return result
+    _finish_power_off(ctx, vm_pk, deallocate)
+    with ctx.catalog.session() as s:
+        return to_arm(ctx, s.get_one(VirtualMachine, vm_pk))
+
+
+def _finish_power_off(ctx: Context, vm_pk: int, deallocate: bool) -> None:
+    with ctx.catalog.session() as s:
+        vm = s.get_one(VirtualMachine, vm_pk)
+        final = "deallocated" if deallocate else "stopped"
+        try:
+            agents.stop(ctx, vm)
+            _stop_disks(vm)
+        except VmvaultError as exc:
+            log.warning("stopping VM %s: %s", vm.name, exc)
+            final = "running"
+        vm.power_state = final
 
 
 def delete(ctx: Context, group: str, name: str) -> None:
     with ctx.catalog.session() as s:
         vm = get(s, group, name)
         _require_settled(vm)
+        agents.stop(ctx, vm)
         _stop_disks(vm)
         account = vm.storage_account.name
         for d in vm.disks:
             # A disk with snapshots still serves instant restore; its blob goes with them.
             if not ctx.store.list_snapshots(account, d.container, d.blob):
                 ctx.store.delete_blob(account, d.container, d.blob)
+        shutil.rmtree(agents.guest_root(ctx, vm), ignore_errors=True)
         s.delete(vm)
 
 
 def detach_all(ctx: Context) -> None:
     """Unmount every lab VM's disks (the stack is going down); power states stay."""
     with ctx.catalog.session() as s:
-        for vm in s.scalars(select(VirtualMachine).where(VirtualMachine.mounted.is_(True))):
-            _stop_disks(vm)
+        for vm in s.scalars(select(VirtualMachine)):
+            agents.stop(ctx, vm, timeout=5)
+            if vm.mounted:
+                _stop_disks(vm)
 
 
 def reattach_running(ctx: Context) -> None:
@@ -248,3 +286,4 @@ def reattach_running(ctx: Context) -> None:
                 _start_disks(ctx, vm)
             except VmvaultError as exc:
                 log.warning("could not mount the disks of VM %s: %s", vm.name, exc)
+            agents.start(ctx, vm)

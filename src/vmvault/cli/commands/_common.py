@@ -30,7 +30,10 @@ def table(rows: Any, columns: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Pick columns for -o table: (heading, dotted path into each row)."""
     def dig(row: Any, path: str) -> Any:
         for part in path.split("."):
-            row = row.get(part) if isinstance(row, dict) else None
+            if isinstance(row, list) and part.isdigit():
+                row = row[int(part)] if int(part) < len(row) else None
+            else:
+                row = row.get(part) if isinstance(row, dict) else None
         return row
 
     items = rows if isinstance(rows, list) else [rows]

@@ -36,14 +36,16 @@ def _path(group: str, name: str, *parts: str) -> str:
 def create_vm(resource_group_name: str, name: str, storage_account: str,
               os_disk_size_gb: int = 4, data_disk_sizes_gb: list[int] | None = None,
               os_disk_fs_type: str = "ext4", data_disk_fs_types: list[str] | None = None,
-              location: str | None = None, size: str = "Standard_B2s") -> Any:
-    """Create a lab VM."""
+              location: str | None = None, size: str = "Standard_B2s",
+              enable_agent: str = "true") -> Any:
+    """Create a lab VM (with its VM agent running, unless --enable-agent false)."""
     vm = call("PUT", _path(resource_group_name, name), {
         "location": location,
         "properties": {"storageAccount": storage_account, "osDiskSizeGb": os_disk_size_gb,
                        "dataDiskSizesGb": data_disk_sizes_gb or [],
                        "osDiskFsType": os_disk_fs_type,
-                       "dataDiskFsTypes": data_disk_fs_types or [], "vmSize": size},
+                       "dataDiskFsTypes": data_disk_fs_types or [], "vmSize": size,
+                       "provisionVMAgent": enable_agent.lower() == "true"},
     })
     if not vm.get("disksMounted"):
         print("WARNING: not running as root: the VM's disks are not mounted; write to them "
@@ -70,14 +72,21 @@ def start_vm(resource_group_name: str, name: str) -> Any:
     return call("POST", _path(resource_group_name, name, "start"))
 
 
-def stop_vm(resource_group_name: str, name: str) -> Any:
-    """Power off a VM; it stays allocated."""
-    return call("POST", _path(resource_group_name, name, "powerOff"))
+def stop_vm(resource_group_name: str, name: str, no_wait: bool = False) -> Any:
+    """Power off a VM (its agent stops, its disks are unmounted); it stays allocated."""
+    return call("POST", _path(resource_group_name, name, "powerOff"),
+                params={"noWait": "true" if no_wait else None})
 
 
-def deallocate_vm(resource_group_name: str, name: str) -> Any:
+def deallocate_vm(resource_group_name: str, name: str, no_wait: bool = False) -> Any:
     """Stop and deallocate a VM."""
-    return call("POST", _path(resource_group_name, name, "deallocate"))
+    return call("POST", _path(resource_group_name, name, "deallocate"),
+                params={"noWait": "true" if no_wait else None})
+
+
+def get_instance_view(resource_group_name: str, name: str) -> Any:
+    """The VM's instance view: its VM agent, extensions and states."""
+    return call("GET", _path(resource_group_name, name, "instanceView"))
 
 
 def delete_vm(resource_group_name: str, name: str, yes: bool = False) -> None:
@@ -100,6 +109,7 @@ def load_commands(loader: Any) -> None:
         g.command("stop", "stop_vm", table_transformer=_table)
         g.command("deallocate", "deallocate_vm", table_transformer=_table)
         g.command("delete", "delete_vm", confirmation=True)
+        g.command("get-instance-view", "get_instance_view")
 
 
 def load_arguments(loader: Any) -> None:
@@ -118,5 +128,10 @@ def load_arguments(loader: Any) -> None:
         ac.argument("location", options_list=["--location", "-l"],
                     help="Location; the resource group's when omitted.")
         ac.argument("size", help="The VM size name (recorded only).")
+        ac.argument("enable_agent", arg_type=None, choices=["true", "false"],
+                    help="Install the VM agent (vmvault-agent); without it backups fail "
+                         "(UserErrorGuestAgentNotInstalled).")
+        ac.argument("no_wait", action="store_true",
+                    help="Do not wait for the operation to finish.")
         ac.argument("yes", options_list=["--yes", "-y"], action="store_true",
                     help="Do not prompt for confirmation.")
