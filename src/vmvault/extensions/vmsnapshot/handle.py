@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -360,8 +361,8 @@ class Enable:
         self.nothing_frozen = not mounts
         # Outside the freeze window: flush what is dirty (FIFREEZE then has little left to
         # write) and open the connections the snapshot calls will use.
-        _sync_mounts(mounts)
         client = warm_client(self.settings.blob_sas_uris)
+        _sync_mounts(mounts)
         self.log.freeze_start()
         try:
             self._frozen_phase(freezer, conf, result, client)
@@ -539,16 +540,24 @@ def _telemetry_time(when: dt.datetime | None) -> str:
 
 
 def _sync_mounts(mounts: list[Mount]) -> None:
-    """syncfs() each file system about to be frozen (errors are left to the freeze)."""
-    for mount in mounts:
+    """syncfs() the file systems about to be frozen, together (errors are left to the
+    freeze)."""
+    def sync(mount: Mount) -> None:
         try:
             fd = os.open(mount.mount_point, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
-            continue
+            return
         try:
             _libc.syncfs(fd)
         finally:
             os.close(fd)
+
+    if len(mounts) < 2:
+        for mount in mounts:
+            sync(mount)
+        return
+    with ThreadPoolExecutor(len(mounts), thread_name_prefix="syncfs") as pool:
+        list(pool.map(sync, mounts))
 
 
 def _test_hooks(environ: Mapping[str, str]) -> None:
