@@ -14,6 +14,7 @@ import zstandard
 
 from vmvault.bench import gen
 from vmvault.bench.measure import run_measured, tree_size
+from vmvault.bench.peers import synced
 from vmvault.bench.report import (
     FAIL,
     PASS,
@@ -165,6 +166,20 @@ def test_peak_rss_is_per_run() -> None:
     assert small.seconds < big.seconds + 5
 
 
+def test_peer_restores_are_timed_until_the_file_is_durable(tmp_path: Path) -> None:
+    restored = tmp_path / "restored.img"
+    restored.write_bytes(b"x" * 4096)
+    restore = run_measured([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    both = synced(restore, restored)
+    assert both.ok and both.argv[-4:] == ["&&", "sync", "--", str(restored)]
+    assert both.seconds > restore.seconds >= 0.2
+    assert both.cpu_seconds >= restore.cpu_seconds
+    assert both.peak_rss >= restore.peak_rss
+    assert not synced(restore, tmp_path / "missing.img").ok  # no file: the measurement fails
+    with pytest.raises(RuntimeError, match="sync"):
+        synced(restore, tmp_path / "missing.img").check()
+
+
 def _results(v_full: float, r_full: float, v_added: int, r_added: int, rss: int) -> Results:
     size = 1000 * 1_000_000
     r = Results()
@@ -246,6 +261,8 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
             "--chunk-sizes", "1M",
             "--sparse-gib", "1",
             "--sparse-data-mib", "8",
+            "--freeze-backups", "3",
+            "--freeze-disks", "2",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -293,7 +310,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
         assert row[1:] == [f"{v:.2f}x" for v in values], (name, row)
 
     statuses = re.findall(r"^- \*\*(PASS|FAIL|NOT MEASURED)\*\* (.*)$", md, re.M)
-    assert len(statuses) == 6
+    assert len(statuses) == 7
     assert all(s in (PASS, FAIL) for s, _ in statuses), statuses
     for key in ("CPUs (nproc)", "Memory", "Kernel", "restic", "borg", "Python"):
         assert _md_rows(md, key), key
@@ -301,4 +318,9 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     sweep = _md_rows(md, "1M")
     assert len(sweep) == 1 and sweep[0][1] != "not measured"
     assert data["sparse"]["peak_rss"] > 0
+    # the freeze window: three real backups through the VM agent and the VMSnapshot handler
+    windows = data["freeze"]["windows_ms"]
+    assert data["freeze"]["error"] is None and len(windows) == 3 and all(w > 0 for w in windows)
+    (row,) = _md_rows(md, "3")
+    assert row[3] == f"{sorted(windows)[-1]:.0f} ms"  # p99 of three is the largest
     assert tree_size(tmp_path) == report.stat().st_size + js.stat().st_size

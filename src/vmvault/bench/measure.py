@@ -48,6 +48,19 @@ class RunResult:
             )
         return self
 
+    def then(self, other: RunResult) -> RunResult:
+        """This command followed by `other`, as one measurement: times and CPU add up, the
+        peak RSS is the larger one, the exit status is the first failure's."""
+        return RunResult(
+            argv=[*self.argv, "&&", *other.argv],
+            returncode=self.returncode or other.returncode,
+            seconds=self.seconds + other.seconds,
+            peak_rss=max(self.peak_rss, other.peak_rss),
+            stdout=self.stdout + other.stdout,
+            stderr=self.stderr + other.stderr,
+            cpu_seconds=self.cpu_seconds + other.cpu_seconds,
+        )
+
 
 def _children(pid: int) -> list[int]:
     out: list[int] = []

@@ -17,6 +17,15 @@ from vmvault.bench.measure import RunResult, run_measured
 PASSWORD = "vmvault-bench-password"
 
 
+def synced(res: RunResult, path: Path) -> RunResult:
+    """A restore command followed by ``sync FILE`` (an fsync of the restored file), timed
+    as one: a restore counts as done when its data are durable, as vmvault's restore_disk
+    fsyncs before it returns."""
+    if not res.ok:
+        return res
+    return res.then(run_measured(["sync", "--", str(path)]))
+
+
 def tool_version(binary: str) -> str:
     exe = shutil.which(binary)
     if not exe:
@@ -56,7 +65,8 @@ class Peer:
         raise NotImplementedError
 
     def restore(self, target_dir: Path, file: Path) -> tuple[RunResult, Path]:
-        """Restore the latest backup of ``file`` under ``target_dir``; returns where it went."""
+        """Restore the latest backup of ``file`` under ``target_dir`` and fsync the restored
+        file (``sync FILE``, timed with the restore); returns where it went."""
         raise NotImplementedError
 
 
@@ -89,7 +99,8 @@ class Restic(Peer):
             ["restic", "restore", "latest", "--host", "vmvault-bench", "--target", str(target_dir)],
             env=self.env(),
         ).check()
-        return res, target_dir / str(file.resolve()).lstrip("/")
+        path = target_dir / str(file.resolve()).lstrip("/")
+        return synced(res, path).check(), path
 
 
 class Borg(Peer):
@@ -131,4 +142,5 @@ class Borg(Peer):
             env=self.env(),
             cwd=target_dir,
         ).check()
-        return res, target_dir / str(file.resolve()).lstrip("/")
+        path = target_dir / str(file.resolve()).lstrip("/")
+        return synced(res, path).check(), path

@@ -10,6 +10,9 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 
+from vmvault.bench.freeze import TARGET_P99_MS, FreezeResult
+from vmvault.bench.freeze import markdown as freeze_markdown
+
 TOOLS = ("vmvault", "restic", "borg")
 PEERS = ("restic", "borg")
 PHASES = ("full", "incremental", "restore")
@@ -104,6 +107,7 @@ class Results:
     sweep_size: int = 0
     sweep: list[SweepRow] = field(default_factory=list)
     sparse: SparseResult | None = None
+    freeze: FreezeResult | None = None
     notes: list[str] = field(default_factory=list)
     complete: bool = False
 
@@ -235,6 +239,19 @@ def targets(results: Results) -> list[Target]:
             "< 300 MiB",
         )
     )
+    fz = results.freeze
+    if fz is not None:
+        p99 = fz.percentile(99) if fz.windows_ms else None
+        out.append(
+            _target(
+                f"Freeze window p99 over {fz.backups} backups ({fz.disks} data disks, writer "
+                "running) <= 100 ms",
+                p99,
+                None if p99 is None else p99 <= TARGET_P99_MS,
+                "{:.0f} ms",
+                "<= 100 ms",
+            )
+        )
     return out
 
 
@@ -416,7 +433,8 @@ def render_markdown(results: Results) -> str:
     L.append(
         "MB/s is the image's logical size (10^6 bytes) divided by the wall-clock seconds of the "
         "whole command (process start, repository open, key derivation included, for every "
-        "tool). *CPU s* is the command's user + system CPU time (from wait4): less sensitive "
+        "tool); a restore is timed until the restored file is durable (fsynced, see Workload). "
+        "*CPU s* is the command's user + system CPU time (from wait4): less sensitive "
         "than wall time to other work on the machine. *Added to repo* is how much the "
         "repository folder grew (sum of file sizes). *Peak RSS* is the high-water resident "
         "set of the command's process tree (VmHWM/VmRSS sampled from /proc every 20 ms)."
@@ -461,6 +479,8 @@ def render_markdown(results: Results) -> str:
             + (f" {sp.note}" if sp.note else "")
         )
     L.append("")
+    if results.freeze is not None:
+        L += freeze_markdown(results.freeze)
     L.append("## Chunk-size sweep")
     L.append("")
     if results.sweep:

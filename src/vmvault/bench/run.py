@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparse-data-mib", type=int, default=256, help="data in the sparse disk (256 MiB)"
     )
     p.add_argument("--no-sparse", action="store_true", help="skip the memory check")
+    p.add_argument("--freeze-backups", type=int, default=50,
+                   help="backups of a lab VM for the freeze-window check (default 50; 0 skips "
+                        "it; needs root)")
+    p.add_argument("--freeze-disks", type=int, default=4,
+                   help="data disks of that VM (default 4)")
     p.add_argument(
         "--no-drop-caches", action="store_true", help=f"do not run '{DROP_CMD}' between runs"
     )
@@ -353,6 +358,8 @@ class Bench:
                 self.sparse_check(pool)
             if self.args.chunk_sizes:
                 self.chunk_sweep(pool)
+            if self.args.freeze_backups > 0:
+                self.freeze_check()
         if self.args.no_drop_caches:
             drop_note = "not dropped (--no-drop-caches)"
         elif self.drop_problem:
@@ -407,9 +414,10 @@ class Bench:
             "place with os.pwrite so the rest of the file keeps its extents.",
             self._layout_text(pool, image.store is not None),
             "Commands: `restic init --repository-version 2`, `restic --compression auto backup "
-            "--host vmvault-bench FILE`, `restic restore latest --target DIR` (RESTIC_PASSWORD "
-            "set); `borg init --encryption=repokey-blake2`, `borg create --compression zstd,3 "
-            "REPO::NAME FILE`, `borg extract --sparse` (BORG_PASSPHRASE set); vmvault: "
+            "--host vmvault-bench FILE`, `restic restore latest --target DIR` then `sync FILE` "
+            "(RESTIC_PASSWORD set); `borg init --encryption=repokey-blake2`, `borg create "
+            "--compression zstd,3 REPO::NAME FILE`, `borg extract --sparse` then `sync FILE` "
+            "(BORG_PASSPHRASE set); vmvault: "
             "`python -m vmvault.bench.worker backup|restore ...` (Repository.backup / "
             "restore_disk, password-protected repository"
             + (
@@ -421,9 +429,10 @@ class Bench:
             "Restore: each tool restores its latest (the incremental) backup to a new file on the "
             "same file system; the file is then compared with the image (BLAKE3) outside the "
             "timing. restic 0.14 has no sparse restore, so it writes the zero regions out. "
-            "vmvault's restore_disk fsyncs the restored file before it returns; restic restore "
-            "and borg extract do not, so their timings stop with some of the data still in the "
-            "page cache.",
+            "Every restore is timed until its data are durable: vmvault's restore_disk fsyncs "
+            "the restored file before it returns, and `restic restore` and `borg extract` are "
+            "each followed by `sync FILE` (an fsync of the restored file), timed with the "
+            "command (seconds and CPU added up).",
         ]
         r.workload.update(
             {
@@ -662,6 +671,25 @@ class Bench:
             self.log(f"[red]sparse check failed: {result.note}[/]")
         finally:
             image.delete()
+
+    def freeze_check(self) -> None:
+        """The VMSnapshot extension's freeze window over many backups (bench/freeze.py)."""
+        from vmvault.bench.freeze import run_freeze
+
+        n = self.args.freeze_backups
+        home = self.workdir / "freeze-home"
+        if home.exists():
+            shutil.rmtree(home, ignore_errors=True)
+        with self.step(f"freeze window: {n} backups", total=n) as task:
+            result = run_freeze(home, n, self.args.freeze_disks,
+                                lambda i, _n: self.progress.update(task, completed=i))
+        self.results.freeze = result
+        if result.error:
+            self.log(f"  freeze window not measured: {result.error}")
+        else:
+            self.log(f"  freeze window p50 {result.percentile(50):.0f} ms, "
+                     f"p99 {result.percentile(99):.0f} ms over {len(result.windows_ms)} backups")
+        shutil.rmtree(home, ignore_errors=True)
 
     def chunk_sweep(self, pool: Pool) -> None:
         r = self.results

@@ -96,6 +96,39 @@ class Crypto:
             raise ChunkError("content does not hash to the chunk id")
         return data
 
+    def open_chunk_into(
+        self, chunk_id: bytes, blob: Buffer, flags: int, raw_len: int, out: memoryview
+    ) -> Buffer:
+        """open_chunk without allocating for an uncompressed chunk: it is decrypted into
+        out[:raw_len] and that view is returned. A compressed chunk's payload is decrypted
+        into `out` as scratch and the chunk comes back as new bytes. `out` (at least
+        raw_len bytes) holds unauthenticated bytes after a ChunkError.
+        """
+        if flags & ~KNOWN_FLAGS:
+            raise ChunkError(f"unknown flags {flags:#x}")
+        view = memoryview(blob)
+        plen = len(view) - SEAL_OVERHEAD
+        if plen < 0:
+            raise ChunkError(f"blob of {len(view)} bytes is too short")
+        if plen > len(out) or not (flags & FLAG_ZSTD or plen == raw_len):
+            return self.open_chunk(chunk_id, blob, flags, raw_len)  # too big or malformed
+        payload = out[:plen]
+        try:
+            self._aead.decrypt_into(view[:NONCE_LEN], view[NONCE_LEN:], chunk_id, payload)
+        except InvalidTag:
+            raise ChunkError("authentication failed (damaged or swapped blob)") from None
+        data: Buffer = payload
+        if flags & FLAG_ZSTD:
+            try:
+                data = self._dctx().decompress(payload, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise ChunkError(f"zstd: {exc}") from None
+        if len(data) != raw_len:
+            raise ChunkError(f"length {len(data)} differs from the recorded {raw_len}")
+        if self.chunk_id(data) != chunk_id:
+            raise ChunkError("content does not hash to the chunk id")
+        return data
+
     # --- sealed files (index, manifest) and the pack trailer ---------------------------
     def seal(self, plaintext: Buffer, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_LEN)
