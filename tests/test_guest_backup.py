@@ -8,6 +8,7 @@ S4, an expired SAS), each made to happen for real and checked through the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,16 @@ def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = make_stack(tmp_path_factory.mktemp("vmvault-guest"), **FAST)
     yield s
     s.run("down", ok=False)
+
+
+@contextlib.contextmanager
+def own_stack(tmp_path: Path, **env: str) -> Iterator[Stack]:
+    """A stack of its own, for a test that needs other server settings."""
+    s = make_stack(tmp_path / "home", **{**FAST, **env})
+    try:
+        yield s
+    finally:
+        s.run("down", ok=False)
 
 
 def guest_root(stack: Stack, n: dict[str, str]) -> Path:
@@ -356,60 +367,45 @@ def test_deploy_the_seed_resource_from_a_template(gstack: Stack, names: dict[str
 
 
 def test_b6_agent_older_than_the_minimum(tmp_path: Path, names: dict[str, str]) -> None:
-    s = make_stack(tmp_path / "home", VMVAULT_MIN_AGENT_VERSION="99.0", **FAST)
-    try:
-        n = names
-        ready_vm(s, n)
-        job = failed_backup(s, n)
-        assert_row(s, n, job, "UserErrorGuestAgentVersionNotSupported", "older than the minimum")
-    finally:
-        s.run("down", ok=False)
+    with own_stack(tmp_path, VMVAULT_MIN_AGENT_VERSION="99.0") as s:
+        ready_vm(s, names)
+        job = failed_backup(s, names)
+        assert_row(s, names, job, "UserErrorGuestAgentVersionNotSupported",
+                   "older than the minimum")
 
 
 def test_expired_sas(tmp_path: Path, names: dict[str, str]) -> None:
-    s = make_stack(tmp_path / "home", **{**FAST, "VMVAULT_SAS_TTL_SECONDS": "-60"})
-    try:
-        n = names
-        ready_vm(s, n)
-        job = failed_backup(s, n)
-        assert_row(s, n, job, "ExtensionSnapshotFailedAuthorization", "refused")
-    finally:
-        s.run("down", ok=False)
+    with own_stack(tmp_path, VMVAULT_SAS_TTL_SECONDS="-60") as s:
+        ready_vm(s, names)
+        job = failed_backup(s, names)
+        assert_row(s, names, job, "ExtensionSnapshotFailedAuthorization", "refused")
 
 
 def test_s4_busy_guest(tmp_path: Path, names: dict[str, str]) -> None:
-    s = make_stack(tmp_path / "home", **{**FAST, "VMVAULT_GUEST_LOAD_LIMIT": "60"})
-    try:
-        n = names
-        ready_vm(s, n)
+    with own_stack(tmp_path, VMVAULT_GUEST_LOAD_LIMIT="60") as s:
+        ready_vm(s, names)
         # Every core busy in the guest (this machine is the lab guest's host).
         burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                    for _ in range(os.cpu_count() or 2)]
         try:
             time.sleep(3)
-            job = failed_backup(s, n)
+            job = failed_backup(s, names)
         finally:
             for b in burners:
                 b.kill()
                 b.wait()
-        assert_row(s, n, job, "UserErrorGuestResourcesOverloaded", "CPU")
-    finally:
-        s.run("down", ok=False)
+        assert_row(s, names, job, "UserErrorGuestResourcesOverloaded", "CPU")
 
 
 def test_s1_storage_unreachable_from_the_guest(tmp_path: Path, names: dict[str, str]) -> None:
-    s = make_stack(tmp_path / "home", **FAST)
-    try:
-        n = names
-        ready_vm(s, n)
+    with own_stack(tmp_path) as s:
+        ready_vm(s, names)
         blob_pid = int(json.loads((s.home / "stack.json").read_text())["blob_pid"])
         os.kill(blob_pid, signal.SIGKILL)  # the guest's connections to storage are refused
         started = time.monotonic()
-        job = failed_backup(s, n)
+        job = failed_backup(s, names)
         assert time.monotonic() - started < 60
-        assert_row(s, n, job, "ExtensionSnapshotFailedNoNetwork", "could not reach")
-    finally:
-        s.run("down", ok=False)
+        assert_row(s, names, job, "ExtensionSnapshotFailedNoNetwork", "could not reach")
 
 
 def test_agent_is_started_and_stopped_with_the_vm(gstack: Stack, names: dict[str, str]) -> None:
