@@ -363,6 +363,7 @@ class Enable:
         # write) and open the connections the snapshot calls will use.
         client = warm_client(self.settings.blob_sas_uris)
         _sync_mounts(mounts)
+        _sync_mounts(mounts)  # again: only what was written during the first pass is left
         self.log.freeze_start()
         try:
             self._frozen_phase(freezer, conf, result, client)
