@@ -50,14 +50,17 @@ def make_filesystem(image: Path, fs_type: str, label: str) -> None:
              "mkfs.ext4")
 
 
-def attach(image: Path) -> str:
-    """Attach an image to a free loop device; return the device path. Direct I/O where the
-    pool allows it: the guest's writes do not pile up as dirty pages of the image file, which
-    a disk snapshot (FICLONE) would otherwise flush inside the freeze window."""
-    try:
-        return _run(["losetup", "--direct-io=on", "--find", "--show", str(image)], "losetup")
-    except VmvaultError:
-        return _run(["losetup", "--find", "--show", str(image)], "losetup")
+def attach(image: Path, direct_io: bool = True) -> str:
+    """Attach an image to a free loop device; return the device path. With direct I/O (where
+    the pool allows it) the guest's writes do not pile up as dirty pages of the image file,
+    which a disk snapshot (FICLONE) would otherwise flush inside the freeze window."""
+    if direct_io:
+        try:
+            return _run(["losetup", "--direct-io=on", "--find", "--show", str(image)],
+                        "losetup")
+        except VmvaultError:
+            pass
+    return _run(["losetup", "--find", "--show", str(image)], "losetup")
 
 
 def detach(device: str) -> None:
@@ -86,8 +89,15 @@ def start_disk(image: Path, mount_point: Path) -> str | None:
     try:
         mount(device, mount_point)
     except VmvaultError:
+        # A direct-I/O loop device takes the pool's sector size (4096 on some pools); a file
+        # system made with 512-byte sectors then does not mount: attach it without direct I/O.
         detach(device)
-        raise
+        device = attach(image, direct_io=False)
+        try:
+            mount(device, mount_point)
+        except VmvaultError:
+            detach(device)
+            raise
     return device
 
 
