@@ -188,6 +188,21 @@ def _make_image(image: Path, size_gb: int) -> None:
         _run("mkfs.xfs", "-q", "-m", "reflink=1", str(image))
 
 
+def _mount_image(image: Path, pool: Path) -> None:
+    """Loop-mount the pool image, on a direct-I/O loop device where that mounts: the pool's
+    writes then do not pile up as dirty pages of the image file, which an XFS log force (a
+    disk snapshot, FICLONE) would otherwise have to write out, inside a guest's freeze."""
+    proc = subprocess.run(["losetup", "--direct-io=on", "--find", "--show", str(image)],
+                          capture_output=True, text=True)
+    device = proc.stdout.strip()
+    if proc.returncode == 0 and device:
+        if subprocess.run(["mount", "-o", "discard", device, str(pool)],
+                          capture_output=True).returncode == 0:
+            return
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+    _run("mount", "-o", "loop,discard", str(image), str(pool))
+
+
 def _fs_type(path: Path) -> str:
     entry = mount_of(path)
     return entry.fs_type if entry else "unknown"
@@ -208,7 +223,7 @@ def ensure_pool(paths: Paths, image_size_gb: int = 256) -> PoolInfo:
                             NO_REFLINK_WARNING + f" ({pool} is not empty, so no XFS image "
                             "was mounted over it)")
         _make_image(image, image_size_gb)
-        _run("mount", "-o", "loop,discard", str(image), str(pool))
+        _mount_image(image, pool)
         if probe_reflink(pool):
             return PoolInfo(pool, _fs_type(pool), True, image, None)
         warning = NO_REFLINK_WARNING + " (the XFS image does not reflink)"
@@ -225,3 +240,7 @@ def release_pool(paths: Paths) -> None:
     if proc.returncode != 0:
         # Busy (an open file, a lab VM's loop mount): detach lazily, it goes when freed.
         _run("umount", "-l", str(paths.pool))
+    if entry is not None and entry.source.startswith("/dev/loop"):
+        # A device attached by losetup is not freed by umount; 'losetup -d' frees it now, or
+        # (busy) as soon as it is released.
+        subprocess.run(["losetup", "-d", entry.source], capture_output=True)
