@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-APT_PKGS := xfsprogs e2fsprogs util-linux restic borgbackup
+APT_PKGS := xfsprogs e2fsprogs util-linux openssl restic borgbackup
 
 .PHONY: setup demo test lint bench clean
 

@@ -1078,7 +1078,39 @@ class DiskStore:
 # --- block blob writer -------------------------------------------------------------------
 
 
-class BlockBlobWriter:
+class _TempSink:
+    """Bytes streamed into a new temporary file (size and MD5 kept); subclasses publish it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = 0
+        self.md5 = hashlib.md5()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        self.md5.update(view)
+        self.size += len(view)
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+class BlockBlobWriter(_TempSink):
     """Streams a block blob's content to a temporary file; commit() publishes it."""
 
     def __init__(self, store: DiskStore, account: str, container: str, blob: str,
@@ -1086,26 +1118,10 @@ class BlockBlobWriter:
                  overwrite: bool) -> None:
         self.store, self.account, self.container, self.blob = store, account, container, blob
         self.content, self.metadata, self.overwrite = content, metadata, overwrite
-        self.tmp = data_path.with_name(f".up-{data_path.name[:100]}-{secrets.token_hex(6)}")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.size = 0
-        self.md5 = hashlib.md5()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.write(self.fd, view[done:])
-        self.md5.update(view)
-        self.size += len(view)
-
-    def write_many(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.write(chunk)
+        super().__init__(data_path.with_name(f".up-{data_path.name[:100]}-{secrets.token_hex(6)}"))
 
     def commit(self) -> BlobProperties:
-        os.close(self.fd)
-        self.fd = -1
+        self._close()
         content = dict(self.content)
         if not content.get("content_md5"):
             content["content_md5"] = base64.b64encode(self.md5.digest()).decode()
@@ -1113,48 +1129,18 @@ class BlockBlobWriter:
                                    self.tmp, metadata=self.metadata, content=content,
                                    overwrite=self.overwrite, blocks=[])
 
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
 
-
-class BlockStager:
+class BlockStager(_TempSink):
     """A staged block being received: a temporary file renamed into place by commit()."""
 
     def __init__(self, final: Path) -> None:
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.size = 0
-        self.md5 = hashlib.md5()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.write(self.fd, view[done:])
-        self.md5.update(view)
-        self.size += len(view)
-
-    def write_many(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.write(chunk)
+        super().__init__(final.with_name(f".{final.name}.{secrets.token_hex(4)}"))
 
     def commit(self) -> int:
-        os.close(self.fd)
-        self.fd = -1
+        self._close()
         os.replace(self.tmp, self.final)
         return self.size
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
 
 
 # --- helpers -------------------------------------------------------------------------------
