@@ -404,10 +404,10 @@ def lab_action(ctx: Context, group: str, name: str, action: str) -> dict[str, An
 def wait_registered(ctx: Context, group: str, name: str) -> None:
     """A VM created or started a moment ago: give its agent up to the pickup time to register
     (so 'vm create' then 'backup-now' works), without holding a catalog transaction."""
+    from vmvault.fabric import vms
+
     deadline = time.monotonic() + ctx.guest.pickup_seconds
     while time.monotonic() < deadline:
-        from vmvault.fabric import vms
-
         with ctx.catalog.session() as s:
             vm = vms.find(s, group, name)
             if vm is None or vm.agent is None or vm.agent.certificate:

@@ -8,6 +8,7 @@ provisioning state, as Azure does (row B3), until it is removed or succeeds agai
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,20 @@ def resolve_version(publisher: str, type_: str, version: str | None) -> str:
 
 
 def package_path(ctx: Context, name: str, version: str) -> Path:
-    """The zip of a handler package (built on first use into $VMVAULT_HOME/packages)."""
-    from vmvault.extensions.vmsnapshot.package import build_package
-
+    """The zip of a handler package (built once per server process into
+    $VMVAULT_HOME/packages, so it always matches the code that serves it)."""
     for (pkg, _major), full in _packages().items():
         if pkg == name.lower() and full == version:
-            folder = ctx.paths.root / "packages"
-            folder.mkdir(parents=True, exist_ok=True)
-            return build_package(folder)
+            return _built_package(str(ctx.paths.root / "packages"))
     raise not_found("extension handler package", f"{name}/{version}")
+
+
+@functools.cache
+def _built_package(folder: str) -> Path:
+    from vmvault.extensions.vmsnapshot.package import build_package
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return build_package(Path(folder))
 
 
 def to_arm(vm: VirtualMachine, ext: VmExtension) -> dict[str, Any]:

@@ -942,19 +942,7 @@ class Operation:
             content["content_md5"] = declared_md5
         writer = await self.call(self.store.block_blob_writer, self.account, self.container,
                                  self.blob, metadata=metadata, content=content)
-        crc = None if declared_md5 else Crc64()
-        try:
-            await _receive_into(self.request, _tee(writer.write_many, crc))
-            if declared_md5:
-                actual = base64.b64encode(writer.md5.digest()).decode()
-                if actual != declared_md5:
-                    raise _error(400, "Md5Mismatch",
-                                 "The MD5 value specified in the request did not match with the "
-                                 "MD5 value calculated by the server.",
-                                 UserSpecifiedMd5=declared_md5, ServerCalculatedMd5=actual)
-        except BaseException:
-            writer.abort()
-            raise
+        crc = await self._receive_body(writer, declared_md5)
         props = await self.call(writer.commit)
         headers = self._write_headers(props)
         if props.content_md5:
@@ -1110,6 +1098,24 @@ class Operation:
                                     "Last-Modified": http_date(props.last_modified),
                                     "x-ms-blob-content-length": str(props.size)})
 
+    async def _receive_body(self, sink: Any, declared_md5: str | None) -> Crc64 | None:
+        """Stream the request body into a block blob writer or block stager, checking the
+        declared Content-MD5; the CRC64 to answer with when no MD5 was declared. The sink is
+        aborted on any failure."""
+        crc = None if declared_md5 else Crc64()
+        try:
+            await _receive_into(self.request, _tee(sink.write_many, crc))
+            actual = base64.b64encode(sink.md5.digest()).decode()
+            if declared_md5 and declared_md5 != actual:
+                raise _error(400, "Md5Mismatch",
+                             "The MD5 value specified in the request did not match with the "
+                             "MD5 value calculated by the server.",
+                             UserSpecifiedMd5=declared_md5, ServerCalculatedMd5=actual)
+        except BaseException:
+            sink.abort()
+            raise
+        return crc
+
     # --- blocks -----------------------------------------------------------------------
 
     async def put_block(self) -> Response:
@@ -1120,22 +1126,11 @@ class Operation:
         stager = await self.call(self.store.block_stager, self.account, self.container,
                                  self.blob, block_id)
         declared_md5 = self.headers.get("content-md5")
-        crc = None if declared_md5 else Crc64()
-        try:
-            await _receive_into(self.request, _tee(stager.write_many, crc))
-            actual = base64.b64encode(stager.md5.digest()).decode()
-            if declared_md5 and declared_md5 != actual:
-                raise _error(400, "Md5Mismatch",
-                             "The MD5 value specified in the request did not match with the "
-                             "MD5 value calculated by the server.",
-                             UserSpecifiedMd5=declared_md5, ServerCalculatedMd5=actual)
-        except BaseException:
-            stager.abort()
-            raise
+        crc = await self._receive_body(stager, declared_md5)
         await self.call(stager.commit)
         headers = {"x-ms-request-server-encrypted": "false"}
         if declared_md5:
-            headers["Content-MD5"] = actual
+            headers["Content-MD5"] = declared_md5  # checked equal to the body's MD5
         _add_crc64(headers, crc)
         return Response(status_code=201, headers=headers)
 
