@@ -13,10 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
     ResourceExistsError,
+    ResourceModifiedError,
     ResourceNotFoundError,
 )
 from azure.storage.blob import (
@@ -146,8 +148,15 @@ def test_snapshots_and_page_range_diff(container: ContainerClient) -> None:
     bc.create_page_blob(4 * MiB)
     bc.upload_page(b"a" * 8192, offset=0, length=8192)
     bc.upload_page(b"b" * 8192, offset=2 * MiB, length=8192)
-    snap = bc.create_snapshot(metadata={"rp": "1"})
+    # conditional: checked against the blob as the snapshot is taken
+    etag = bc.get_blob_properties().etag
+    with pytest.raises(ResourceModifiedError) as cond:
+        bc.create_snapshot(etag='"0x0"', match_condition=MatchConditions.IfNotModified)
+    assert cond.value.status_code == 412
+    snap = bc.create_snapshot(metadata={"rp": "1"}, etag=etag,
+                              match_condition=MatchConditions.IfNotModified)
     s1 = snap["snapshot"]
+    assert snap["etag"] == etag
     bc.clear_page(offset=2 * MiB, length=8192)
     bc.upload_page(b"c" * 4096, offset=3 * MiB, length=4096)
     with pytest.warns(DeprecationWarning):  # the classic Get Page Ranges call

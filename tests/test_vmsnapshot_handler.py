@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from conftest_storage import BlobServer, blob_server, need_root  # noqa: F401
-from vmvault.extensions.vmsnapshot import handle
+from vmvault.extensions.vmsnapshot import handle, rcu
 from vmvault.extensions.vmsnapshot.settings import datetime_to_ticks
 from vmvault.guest.certificates import Identity, encrypt_settings, make_identity
 from vmvault.storage.auth import blob_url, generate_blob_sas
@@ -314,6 +314,7 @@ def writable(path: Path, timeout: float = 3.0) -> bool:
 def test_enable_snapshots_two_mounted_disks(mounted_guest: Guest, mounts: list[Path]) -> None:
     g = mounted_guest
     settings_path = g.write_settings()
+    switch_before = rcu.RCU_EXPEDITED.read_text().strip()
     result = g.enable(subprocess_run=True)
     status = result.status
     assert result.code == 1, result.message
@@ -353,6 +354,12 @@ def test_enable_snapshots_two_mounted_disks(mounted_guest: Guest, mounts: list[P
     for mount in mounts:
         assert f"froze {mount}" in log_text and f"thawed {mount}" in log_text
     assert "Logs during Freeze End" in (g.log_folder / "extension.log").read_text()
+    # RCU grace periods expedited for the window only (the freeze takes a few ms, not tens)
+    assert rcu.RCU_EXPEDITED.read_text().strip() == switch_before
+    if switch_before == "0":
+        assert "rcu_expedited set to 1 for the freeze window" in log_text
+        assert log_text.index("set to 1 for the freeze") < log_text.index("froze ")
+        assert log_text.index("rcu_expedited set back to 0") > log_text.index("thawed ")
     # protectedSettings are gone from the settings file; everything is writable again
     handler_settings = json.loads(settings_path.read_text())["runtimeSettings"][0]
     assert "protectedSettings" not in handler_settings["handlerSettings"]
@@ -393,6 +400,7 @@ def test_sigkill_of_the_handler_mid_freeze_is_thawed_by_the_watchdog(
     g.write_settings()
     g.write_conf("[SnapshotThread]\ntimeout = 30\n")
     marker = g.base / "frozen.marker"
+    switch_before = rcu.RCU_EXPEDITED.read_text().strip()
     cmd, env = g.command(VMVAULT_TEST_FROZEN_MARKER=str(marker),
                          VMVAULT_TEST_HOLD_FROZEN_SECONDS="60")
     proc = subprocess.Popen(cmd, cwd=g.handler, env=env, stdout=subprocess.PIPE,
@@ -404,6 +412,8 @@ def test_sigkill_of_the_handler_mid_freeze_is_thawed_by_the_watchdog(
             writer.start()
         time.sleep(0.3)
         assert all(w.done_at is None for w in writers), "not frozen"
+        if switch_before == "0":
+            assert rcu.RCU_EXPEDITED.read_text().strip() == "1"
         killed = time.monotonic()
         os.killpg(proc.pid, signal.SIGKILL)  # the handler and its process group, as an agent
         proc.wait(5)
@@ -420,6 +430,7 @@ def test_sigkill_of_the_handler_mid_freeze_is_thawed_by_the_watchdog(
     while "the handler went away" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "the handler went away: thawed" in log.read_text()
+    assert rcu.RCU_EXPEDITED.read_text().strip() == switch_before  # turned off again
 
 
 def test_sigterm_mid_freeze_thaws_and_reports(mounted_guest: Guest, mounts: list[Path]) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from conftest_storage import BlobServer, blob_server  # noqa: F401
 from vmvault.extensions import vmsnapshot
-from vmvault.extensions.vmsnapshot import codes, freeze, package, status
+from vmvault.extensions.vmsnapshot import codes, freeze, package, rcu, status
 from vmvault.extensions.vmsnapshot.blobwriter import BlobWriteError, BlobWriter
 from vmvault.extensions.vmsnapshot.watchdog import Watchdog
 from vmvault.storage.auth import blob_url, generate_blob_sas
@@ -72,6 +72,55 @@ def test_vmbackup_conf(tmp_path: Path) -> None:
     assert conf.freeze_bound == 30 and "timeout 'forever'" in conf.warnings[0]
     conf_path.write_text("not an ini file")
     assert freeze.read_vmbackup_conf(conf_path).warnings
+    assert freeze.read_vmbackup_conf(conf_path).expedite_freeze  # on by default
+    conf_path.write_text("[SnapshotThread]\nexpediteFreeze = 0\n")
+    assert not freeze.read_vmbackup_conf(conf_path).expedite_freeze
+    conf_path.write_text("[SnapshotThread]\nexpediteFreeze = maybe\n")
+    conf = freeze.read_vmbackup_conf(conf_path)
+    assert conf.expedite_freeze and "expediteFreeze 'maybe'" in conf.warnings[0]
+
+
+def _switches(tmp_path: Path, expedited: str, normal: str = "0") -> tuple[Path, Path]:
+    (tmp_path / "rcu_expedited").write_text(expedited + "\n")
+    (tmp_path / "rcu_normal").write_text(normal + "\n")
+    return tmp_path / "rcu_expedited", tmp_path / "rcu_normal"
+
+
+def test_expedite_turns_the_switch_on_and_back_off(tmp_path: Path) -> None:
+    switch, normal = _switches(tmp_path, "0")
+    state = rcu.Expedite.enable(switch, normal)
+    assert state.enabled and switch.read_text() == "1"
+    assert "set back to 0" in state.restore() and switch.read_text() == "0"
+    assert state.restore() == ""  # once
+
+
+def test_expedite_leaves_an_administrators_setting_alone(tmp_path: Path) -> None:
+    switch, normal = _switches(tmp_path, "1")
+    state = rcu.Expedite.enable(switch, normal)
+    assert not state.enabled and "is 1 already" in state.note
+    assert state.restore() == "" and switch.read_text().strip() == "1"
+    switch, normal = _switches(tmp_path, "0", normal="1")
+    state = rcu.Expedite.enable(switch, normal)
+    assert not state.enabled and "normal grace periods forced" in state.note
+    assert switch.read_text().strip() == "0"
+    # someone else turned it off (or on again after us) during the freeze: not touched
+    switch, normal = _switches(tmp_path, "0")
+    state = rcu.Expedite.enable(switch, normal)
+    switch.write_text("2")
+    assert "changed by someone else" in state.restore() and switch.read_text() == "2"
+    state = rcu.Expedite.enable(tmp_path / "missing", normal)
+    assert not state.enabled and "not readable" in state.note
+
+
+def test_the_watchdog_turns_the_switch_off_when_it_thaws_on_its_own(tmp_path: Path) -> None:
+    switch, _ = _switches(tmp_path, "1")
+    dog = Watchdog.start(0.3, tmp_path / "log")
+    dog.expedited(switch)
+    dog.arm(str(tmp_path))
+    time.sleep(0.6)  # past the bound
+    events = dog.finish()
+    assert events and events[0]["reason"] == "timeout"
+    assert switch.read_text() == "0"
 
 
 def test_the_watchdog_thaws_nothing_it_was_not_told_and_exits(tmp_path: Path) -> None:

@@ -1033,12 +1033,11 @@ class Operation:
 
     async def snapshot(self) -> Response:
         auth.require_permission(self.auth, "cw")
-        current = await self._props()
-        check_conditions(self.headers, current, write=True)
         metadata = _metadata(self.headers) or None
-        snap = await self.call(self.store.snapshot_blob, self.account, self.container,
-                               self.blob, metadata)
-        props = await self._props(snap)
+        headers = self.headers
+        snap, props = await self.call(  # one trip to a thread: the guest may be frozen
+            self.store.take_snapshot, self.account, self.container, self.blob, metadata,
+            lambda current: check_conditions(headers, current, write=True))
         return Response(status_code=201, headers={
             "x-ms-snapshot": snap, "ETag": props.etag,
             "Last-Modified": http_date(props.last_modified)})

@@ -50,7 +50,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -868,9 +868,20 @@ class DiskStore:
                       metadata: dict[str, str] | None = None) -> str:
         """Snapshot the blob (reflink, else sparse copy). metadata None: the blob's own.
         Returns the snapshot id."""
+        return self.take_snapshot(account, container, blob, metadata)[0]
+
+    def take_snapshot(self, account: str, container: str, blob: str,
+                      metadata: dict[str, str] | None = None,
+                      check: Callable[[BlobProperties], None] | None = None
+                      ) -> tuple[str, BlobProperties]:
+        """snapshot_blob, with `check` called on the blob's properties under the blob's
+        lock first (conditional headers), and the snapshot's properties returned with its
+        id: the Blob endpoint's Snapshot Blob in one call (it runs inside a freeze window)."""
         with self._locked(account, container, blob):
             data_path, meta = self._load_sidecar(account, container, blob)
             props = self._props(account, container, blob, data_path, meta)
+            if check is not None:
+                check(props)
             sdir = data_path.parent / ".snapshots" / data_path.name
             sdir.mkdir(parents=True, exist_ok=True)
             ticks = time.time_ns() // 100
@@ -918,7 +929,8 @@ class DiskStore:
             if meta.get("blocks"):
                 smeta["blocks"] = meta["blocks"]
             _write_json(sdir / f"{snap}.json", smeta)
-            return snap
+            return snap, self._props_from(account, container, blob, smeta, props.size,
+                                          props.etag, props.last_modified, snap)
 
     def list_snapshots(self, account: str, container: str, blob: str) -> list[str]:
         data_path, _ = self._paths(account, container, blob)

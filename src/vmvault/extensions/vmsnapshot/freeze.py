@@ -42,6 +42,7 @@ class VmBackupConfig:
     freeze_bound: float = DEFAULT_FREEZE_BOUND
     mounts_to_skip: list[str] = field(default_factory=list)
     sequential_snapshots: bool = False
+    expedite_freeze: bool = True  # vmvault's key; see rcu.py
     warnings: list[str] = field(default_factory=list)
 
 
@@ -72,6 +73,11 @@ def read_vmbackup_conf(path: Path) -> VmBackupConfig:
     conf.mounts_to_skip = [m.strip() for m in skip.split(",") if m.strip()]
     conf.sequential_snapshots = parser.get(section, "seqsnapshot",
                                            fallback="0").strip() in ("1", "2")
+    expedite = parser.get(section, "expediteFreeze", fallback="1").strip().lower()
+    if expedite not in ("0", "1", "true", "false", "yes", "no"):
+        conf.warnings.append(f"{path}: [SnapshotThread] expediteFreeze {expedite!r} is not "
+                             "0 or 1; using 1")
+    conf.expedite_freeze = expedite not in ("0", "false", "no")
     return conf
 
 

@@ -47,6 +47,7 @@ from vmvault.extensions.vmsnapshot.freeze import (
     select_mounts,
 )
 from vmvault.extensions.vmsnapshot.log import HandlerLog, log_blob_text
+from vmvault.extensions.vmsnapshot.rcu import Expedite
 from vmvault.extensions.vmsnapshot.settings import (
     HandlerEnvironment,
     Settings,
@@ -364,6 +365,7 @@ class Enable:
         client = warm_client(self.settings.blob_sas_uris)
         _sync_mounts(mounts)
         _sync_mounts(mounts)  # again: only what was written during the first pass is left
+        expedite = self._expedite(conf, watchdog) if mounts else None
         self.log.freeze_start()
         try:
             self._frozen_phase(freezer, conf, result, client)
@@ -371,9 +373,25 @@ class Enable:
             client.close()
             with _signals_blocked():  # a SIGTERM now waits until everything is thawed
                 thaw = freezer.thaw()
+                restored = expedite.restore() if expedite else ""
                 events = watchdog.finish() if watchdog else []
                 self.log.freeze_end()
+                if restored:
+                    self.log.info(restored)
         self._record_freeze(freezer, thaw, events, result)
+
+    def _expedite(self, conf: VmBackupConfig, watchdog: Watchdog | None) -> Expedite | None:
+        """Expedited RCU grace periods for the freeze window (rcu.py), the watchdog told."""
+        if not conf.expedite_freeze:
+            self.log.info("expediteFreeze = 0 in vmbackup.conf: RCU grace periods left as "
+                          "they are")
+            return None
+        expedite = Expedite.enable()
+        self.log.info(expedite.note)
+        if expedite.enabled and watchdog is not None:
+            with contextlib.suppress(WatchdogError):  # its absence fails the freeze anyway
+                watchdog.expedited(expedite.path)
+        return expedite
 
     def _frozen_phase(self, freezer: Freezer, conf: VmBackupConfig, result: FreezeOutcome,
                       client: httpx.Client) -> None:

@@ -9,6 +9,8 @@ over its stdin, one JSON object a line:
 * ``{"op": "arm", "path": P}``: sent just before the handler freezes P;
 * ``{"op": "skip", "path": P}``: the freeze of P failed (e.g. EBUSY: another tool froze it),
   the watchdog must not thaw it;
+* ``{"op": "expedited", "path": P}``: the handler turned the RCU switch P on for the freeze
+  window (rcu.py); a thaw of the watchdog's own turns it off again;
 * ``{"op": "thawed"}``: the handler thawed everything; the watchdog exits.
 
 It thaws every armed mount, most recently armed first, when its stdin reaches EOF (the
@@ -19,7 +21,8 @@ that another tool froze: the watchdog would thaw it; that window is a few micros
 thawing too much is the safer mistake.) It reports on its stdout (``{"event": "ready"}``,
 then ``{"event": "thawed", "reason": ..., "mounts": [...], "errors": [...]}``) and, after a
 thaw of its own, appends a line to ``--log`` (the file system is thawed by then). It writes
-nothing while a file system is frozen and imports only the standard library.
+nothing while a file system is frozen and imports only the standard library (and rcu.py,
+which does too).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vmvault.extensions.vmsnapshot.rcu import restore_switch
+
 FITHAW = 0xC0045878
 READY_TIMEOUT = 15.0
 
@@ -57,6 +62,7 @@ class _State:
         self.bound = bound
         self.armed: dict[str, int | None] = {}
         self.deadline: float | None = None
+        self.expedited: str | None = None
         self.buffer = b""
 
     def handle(self, line: bytes) -> bool:
@@ -71,6 +77,8 @@ class _State:
             self.armed[path] = _open_dir(path)
             if self.deadline is None:
                 self.deadline = time.monotonic() + self.bound
+        elif op == "expedited" and isinstance(path, str):
+            self.expedited = path
         elif op == "skip" and isinstance(path, str):
             _close(self.armed.pop(path, None))
         elif op == "thawed":
@@ -89,6 +97,9 @@ class _State:
             else:
                 thawed.append(path)
         self.armed.clear()
+        if self.expedited is not None:
+            restore_switch(Path(self.expedited))
+            self.expedited = None
         return thawed, errors
 
 
@@ -255,6 +266,9 @@ class Watchdog:
 
     def skip(self, path: str) -> None:
         self._send({"op": "skip", "path": path})
+
+    def expedited(self, path: Path) -> None:
+        self._send({"op": "expedited", "path": str(path)})
 
     def finish(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Report the thaw, let the watchdog exit; the events it sent (a ``thawed`` event
