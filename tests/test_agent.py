@@ -32,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from conftest import needs_root
 from vmvault import __version__
 from vmvault.guest import handlers
 from vmvault.guest.certificates import CertificateError, thumbprint, verify_request
@@ -599,3 +600,37 @@ def test_bad_packages_are_refused(tmp_path: Path) -> None:
                 {"publisher": "a", "type": "/b", "version": "1", "packageUri": "/p"}):
         with pytest.raises(handlers.HandlerError):
             handlers.parse_extension(raw)
+
+
+@needs_root()
+def test_handler_commands_see_the_guests_files_at_azures_paths(tmp_path: Path) -> None:
+    guest = tmp_path / "guest"
+    assert handlers.azure_paths_available(guest)
+    (guest / "var/lib/waagent/PROBE.crt").write_text("the guest's certificate\n")
+    (guest / "etc/azure/vmbackup.conf").write_text("[SnapshotThread]\n")
+    log_file = tmp_path / "CommandExecution.log"
+    result = handlers.run_command(
+        "cat /var/lib/waagent/PROBE.crt; ls /etc/azure; echo made > /var/log/azure/out.txt",
+        cwd=tmp_path, env=dict(os.environ), timeout=30, log_file=log_file, label="probe",
+        command="enable", namespace_root=guest)
+    assert result.code == 0, log_file.read_text()
+    text = log_file.read_text()
+    assert "the guest's certificate" in text and "vmbackup.conf" in text
+    assert (guest / "var/log/azure/out.txt").read_text() == "made\n"
+    # the host's own paths are untouched
+    assert not Path("/var/lib/waagent/PROBE.crt").exists()
+    assert not Path("/var/log/azure/out.txt").exists()
+    # without the namespace, the command sees the host's paths
+    result = handlers.run_command("test -e /var/lib/waagent/PROBE.crt", cwd=tmp_path,
+                                  env=dict(os.environ), timeout=30, log_file=log_file,
+                                  label="probe", command="enable")
+    assert result.code != 0
+    # a guest whose folders cannot be bound: exit 97, and the log says why
+    (guest / "etc/azure/vmbackup.conf").unlink()
+    (guest / "etc/azure").rmdir()
+    (guest / "etc/azure").write_text("not a folder")
+    result = handlers.run_command("true", cwd=tmp_path, env=dict(os.environ), timeout=30,
+                                  log_file=log_file, label="probe", command="enable",
+                                  namespace_root=guest)
+    assert result.code == handlers.CODE_NAMESPACE
+    assert "cannot show" in log_file.read_text()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -421,3 +422,126 @@ def test_agent_is_started_and_stopped_with_the_vm(gstack: Stack, names: dict[str
     text = gstack.run("vm", "agent", "show", "-g", n["rg"], "--vm-name", n["vm"], "-o",
                       "table").out
     assert "Ready" in text
+
+
+class ForwardingProxy:
+    """A plain HTTP proxy on 127.0.0.1 that forwards absolute-form requests and counts them
+    by path, so a test can see which calls went through it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        import httpx
+
+        self.paths: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("proxy-connection", "connection", "host")}
+                proxy.paths.append(urllib.parse.urlsplit(self.path).path)
+                try:
+                    with httpx.Client(timeout=None) as client:
+                        r = client.request(self.command, self.path, headers=headers,
+                                           content=body)
+                except httpx.HTTPError:
+                    self.send_error(502)
+                    return
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("transfer-encoding", "connection",
+                                         "content-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(r.content)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_agent_proxy_set_from_the_cli(gstack: Stack, names: dict[str, str]) -> None:
+    n = names
+    ready_vm(gstack, n)
+    conf_path = guest_root(gstack, n) / "etc" / "vmvault" / "agent.json"
+    vm_args = ("-g", n["rg"], "--vm-name", n["vm"])
+    bad = gstack.run("vm", "agent", "set", *vm_args, "--proxy", "ftp://proxy", ok=False)
+    assert bad.code != 0 and "--proxy" in bad.err and "http://HOST:PORT" in bad.err
+    assert "Traceback" not in bad.err and "httpProxy" not in conf_path.read_text()
+    proxy = ForwardingProxy()
+    try:
+        old_pid = agent_pid(gstack, n)
+        gstack.run("vm", "agent", "set", *vm_args, "--proxy", proxy.url)
+        assert json.loads(conf_path.read_text())["httpProxy"] == proxy.url
+        assert oct(conf_path.stat().st_mode & 0o777) == "0o600"
+        assert agent_pid(gstack, n) != old_pid  # restarted to take the change
+        wait_agent_ready(gstack, n)
+        # the agent's calls and the extension's (the snapshots, the status blob) go through it
+        job = backup(gstack, n)
+        assert job["properties"]["status"] == "Completed", job
+        assert "/vmvault/agent/status" in proxy.paths
+        assert any(p.endswith(".vhd") for p in proxy.paths), proxy.paths
+    finally:
+        proxy.close()
+    gstack.run("vm", "agent", "set", *vm_args, "--proxy", "")
+    assert "httpProxy" not in json.loads(conf_path.read_text())
+    wait_agent_ready(gstack, n)
+    assert backup(gstack, n)["properties"]["status"] == "Completed"
+
+
+# --- Azure's extension under vmvault-agent ------------------------------------------------------
+
+REFERENCE = Path(__file__).parent / "azure_reference"
+
+
+@needs_root()
+def test_a_reference_azure_extension_backs_up_under_vmvault_agent(
+        tmp_path: Path, names: dict[str, str]) -> None:
+    """The extension Azure ships, as vmsnapshot-wire.md describes it (tests/azure_reference:
+    absolute /var/lib/waagent paths, openssl cms, a forked daemon, page-blob status writes, no
+    x-ms-version on its snapshots), delivered instead of vmvault's own handler: the agent and
+    the Blob endpoint serve it and the backup job reads its status."""
+    n = names
+    with own_stack(tmp_path, VMVAULT_VMSNAPSHOT_PACKAGE=str(REFERENCE)) as s:
+        ready_vm(s, n)
+        root = guest_root(s, n)
+        job = backup(s, n)
+        assert job["properties"]["status"] == "Completed", job
+        points = s.json("backup", "recoverypoint", "list", *item_args(n))
+        assert [p["properties"]["recoveryPointType"] for p in points] == ["CrashConsistent"]
+        hdir = next((root / "var/lib/waagent").glob("Microsoft.RecoveryServices.VMSnapshot-*"))
+        assert (hdir / "main" / "handle.py").read_bytes() == (
+            REFERENCE / "main" / "handle.py").read_bytes()
+        # it read the certificate where Azure's agent keeps it, through the agent's namespace
+        logs = root / "var/log/azure/Microsoft.RecoveryServices.VMSnapshot"
+        ext_log = (logs / "extension.log").read_text()
+        assert "decrypted with openssl cms (/var/lib/waagent/" in ext_log, ext_log
+        assert "HTTP 201" in ext_log and "daemon failed" not in ext_log
+        assert "enable with /usr/bin/python" in (logs / "shell.log").read_text()
+        assert not list(Path("/var/lib/waagent").glob("*.prv")), "the host's view changed"
+        settings = json.loads(next((hdir / "config").glob("*.settings")).read_text())
+        assert "protectedSettings" not in settings["runtimeSettings"][0]["handlerSettings"]
+        # its status file: transitioning first, then the blob document inside substatus
+        status_file = json.loads(next((hdir / "status").glob("*.status")).read_text())
+        inner = json.loads(status_file[0]["status"]["substatus"][0]["name"])[0]["status"]
+        assert (inner["code"], inner["status"]) == ("1", "success")
+        assert len(inner["snapshotInfo"]) == 2 and all(
+            i["isSuccessful"] for i in inner["snapshotInfo"])

@@ -137,6 +137,10 @@ class GuestSettings:
     load_limit_percent: float = 90.0  # VMVAULT_GUEST_LOAD_LIMIT: above it, snapshots wait (S4)
     heartbeat_seconds: float = 2.0  # VMVAULT_AGENT_HEARTBEAT_SECONDS, told to lab agents
     agent_stop_seconds: float = 20.0  # VMVAULT_AGENT_STOP_SECONDS: SIGTERM, then SIGKILL
+    # VMVAULT_VMSNAPSHOT_PACKAGE: a handler package (zip, or a folder holding
+    # HandlerManifest.json) delivered as Microsoft.RecoveryServices.VMSnapshot instead of
+    # vmvault's own, e.g. Azure's VMBackup extension (docs/agent-protocol.md, section 9).
+    vmsnapshot_package: str | None = None
 
     @classmethod
     def from_env(cls) -> GuestSettings:
@@ -150,4 +154,5 @@ class GuestSettings:
             load_limit_percent=_env_float("VMVAULT_GUEST_LOAD_LIMIT", d.load_limit_percent),
             heartbeat_seconds=_env_float("VMVAULT_AGENT_HEARTBEAT_SECONDS", d.heartbeat_seconds),
             agent_stop_seconds=_env_float("VMVAULT_AGENT_STOP_SECONDS", d.agent_stop_seconds),
+            vmsnapshot_package=os.environ.get("VMVAULT_VMSNAPSHOT_PACKAGE") or None,
         )

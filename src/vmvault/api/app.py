@@ -171,6 +171,14 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
                                   "displayStatus": f"VM {vm.power_state}"}]}
 
     # The lab's VM agent (a real VM's would be managed inside the guest).
+    @app.patch(COMPUTE + "/{name}/vmAgent")
+    def vm_agent_configure(subscription: str, group: str, name: str,
+                           body: Json = Body(default={})) -> Json:
+        proxy = body.get("httpProxy")
+        if proxy is not None and not isinstance(proxy, str):
+            raise invalid("httpProxy", "give a proxy URL, or \"\" to remove the proxy")
+        return agents.configure(ctx, group, name, proxy)
+
     @app.post(COMPUTE + "/{name}/vmAgent/{action}")
     def vm_agent_action(subscription: str, group: str, name: str, action: str) -> Json:
         return agents.lab_action(ctx, group, name, action)

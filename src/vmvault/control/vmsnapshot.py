@@ -184,9 +184,13 @@ def status_from_file(report: dict[str, Any] | None) -> dict[str, Any] | None:
     return status if isinstance(status, dict) else None
 
 
+TRANSITIONING_CODE = "4"  # ExtensionTempTerminalState: Azure's enable reports it, then works on
+
+
 def _final(status: dict[str, Any] | None, task_id: str) -> bool:
     return (status is not None and status.get("taskId") == task_id
-            and status.get("status") in ("success", "error"))
+            and status.get("status") in ("success", "error")
+            and str(status.get("code")) != TRANSITIONING_CODE)
 
 
 def wait(ctx: Context, task_id: str, follow: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,21 @@ def install(ctx: Context, vm: VirtualMachine) -> None:
     conf = {"serverUrl": ctx.api_url, "vmId": vm.vm_id, "registrationToken": token,
             "mountRoot": str(mount_root(ctx, vm)), "pollSeconds": 20,
             "heartbeatSeconds": ctx.guest.heartbeat_seconds}
-    path = conf_dir / "agent.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(conf, f, indent=2)
+    _write_private_json(conf_dir / "agent.json", conf)
     token_hash = hashlib.sha256(token.encode()).hexdigest()
     if vm.agent is None:
         vm.agent = VmAgent(token_hash=token_hash)
     else:
         vm.agent.token_hash = token_hash
+
+
+def _write_private_json(path: Path, data: dict[str, Any]) -> None:
+    """The agent's configuration holds its registration token: root-only, replaced whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def update_server_url(ctx: Context, vm: VirtualMachine) -> None:
@@ -105,7 +112,43 @@ def update_server_url(ctx: Context, vm: VirtualMachine) -> None:
         return
     if conf.get("serverUrl") != ctx.api_url:
         conf["serverUrl"] = ctx.api_url
-        path.write_text(json.dumps(conf, indent=2))
+        _write_private_json(path, conf)
+
+
+def _check_proxy(proxy: str) -> None:
+    parts = urllib.parse.urlsplit(proxy)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None \
+            or parts.path not in ("", "/") or parts.query:
+        raise invalid("--proxy", f"'{proxy}' is not a proxy URL like http://HOST:PORT; "
+                                 "give one, or \"\" to remove the proxy")
+
+
+def configure(ctx: Context, group: str, name: str, http_proxy: str | None) -> dict[str, Any]:
+    """Set (or, with "", remove) the lab agent's HTTP proxy (WALinuxAgent's HttpProxy.Host
+    and .Port) and restart a running agent so that it takes the change."""
+    from vmvault.fabric import vms
+
+    if http_proxy:
+        _check_proxy(http_proxy)
+    with ctx.catalog.session() as s:
+        vm = vms.get(s, group, name)
+        if vm.agent is None:
+            raise VmvaultError(AGENT_NOT_INSTALLED, name=vm.name)
+        path = guest_root(ctx, vm) / "etc" / "vmvault" / "agent.json"
+        conf = json.loads(path.read_text())
+        if http_proxy:
+            conf["httpProxy"] = http_proxy
+        else:
+            conf.pop("httpProxy", None)
+        _write_private_json(path, conf)
+        if running_pid(ctx, vm) is not None:
+            stop(ctx, vm)
+            start(ctx, vm)
+        return instance_view(ctx, vm)
 
 
 def running_pid(ctx: Context, vm: VirtualMachine) -> int | None:

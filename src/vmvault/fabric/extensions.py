@@ -9,6 +9,8 @@ provisioning state, as Azure does (row B3), until it is removed or succeeds agai
 from __future__ import annotations
 
 import functools
+import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,34 @@ def package_path(ctx: Context, name: str, version: str) -> Path:
     $VMVAULT_HOME/packages, so it always matches the code that serves it)."""
     for (pkg, _major), full in _packages().items():
         if pkg == name.lower() and full == version:
+            if ctx.guest.vmsnapshot_package:
+                return _given_package(ctx.guest.vmsnapshot_package,
+                                      str(ctx.paths.root / "packages"))
             return _built_package(str(ctx.paths.root / "packages"))
     raise not_found("extension handler package", f"{name}/{version}")
+
+
+@functools.cache
+def _given_package(source: str, folder: str) -> Path:
+    """VMVAULT_VMSNAPSHOT_PACKAGE: a zip as it is, or a folder zipped once (its files at the
+    zip's top, HandlerManifest.json among them)."""
+    path = Path(source)
+    if path.is_file() and zipfile.is_zipfile(path):
+        return path
+    if not (path / "HandlerManifest.json").is_file():
+        raise invalid("VMVAULT_VMSNAPSHOT_PACKAGE",
+                      f"'{source}' is neither a zip nor a folder holding HandlerManifest.json")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    out = Path(folder) / f"given-{digest}.zip"
+    tmp = out.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(path.rglob("*")):
+            if file.is_file() and "__pycache__" not in file.parts:
+                info = zipfile.ZipInfo.from_file(file, file.relative_to(path).as_posix())
+                zf.writestr(info, file.read_bytes(), zipfile.ZIP_DEFLATED)
+    tmp.replace(out)
+    return out
 
 
 @functools.cache

@@ -31,7 +31,12 @@ import httpx
 from vmvault import __version__
 from vmvault.guest import handlers
 from vmvault.guest.certificates import CertificateError, Identity, make_identity, sign_request
-from vmvault.guest.handlers import GuestContext, HandlerError, HandlerRecord
+from vmvault.guest.handlers import (
+    GuestContext,
+    HandlerError,
+    HandlerRecord,
+    azure_paths_available,
+)
 
 AGENT_NAME = "vmvault-agent"
 DEFAULT_POLL_SECONDS = 20.0
@@ -64,6 +69,7 @@ class AgentConfig:
     poll_seconds: float
     heartbeat_seconds: float
     http_proxy: str | None
+    azure_paths: bool = True  # "azurePaths": handlers see the guest's files at Azure's paths
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -81,10 +87,14 @@ class AgentConfig:
         proxy = raw.get("httpProxy") or None
         if proxy is not None and not isinstance(proxy, str):
             raise ConfigError(f"httpProxy in {path} is not a string")
+        azure_paths = raw.get("azurePaths", True)
+        if not isinstance(azure_paths, bool):
+            raise ConfigError(f"azurePaths in {path} is not true or false")
         return cls(url.rstrip("/"), _text(raw, "vmId", path), _text(raw, "registrationToken", path),
                    Path(str(raw.get("mountRoot") or "/")),
                    _seconds(raw, "pollSeconds", DEFAULT_POLL_SECONDS, path),
-                   _seconds(raw, "heartbeatSeconds", DEFAULT_HEARTBEAT_SECONDS, path), proxy)
+                   _seconds(raw, "heartbeatSeconds", DEFAULT_HEARTBEAT_SECONDS, path), proxy,
+                   azure_paths)
 
 
 def _text(raw: dict[str, Any], key: str, path: Path) -> str:
@@ -299,7 +309,11 @@ class Agent:
         self.lib_dir = root / "var/lib/waagent"
         self.state_path = self.lib_dir / "agent-state.json"
         self.state = AgentState.load(self.state_path)
-        self.ctx = GuestContext(root, config.mount_root, config.http_proxy)
+        self.ctx = GuestContext(root, config.mount_root, config.http_proxy,
+                                azure_paths=config.azure_paths and azure_paths_available(root))
+        if self.ctx.azure_paths:
+            log.info("handler commands see %s/{var/lib/waagent,etc/azure,var/log/azure} at "
+                     "/var/lib/waagent, /etc/azure and /var/log/azure", root)
         self.poll_seconds = config.poll_seconds
         self.heartbeat_seconds = config.heartbeat_seconds
         self.message = "Guest Agent is running"

@@ -59,6 +59,9 @@ class GuestContext:
     mount_root: Path
     proxy: str | None = None
     python: str = sys.executable
+    # Run commands in a private mount namespace that shows the guest's own /var/lib/waagent,
+    # /etc/azure and /var/log/azure at those paths (azure_paths_available).
+    azure_paths: bool = False
 
     @property
     def lib_dir(self) -> Path:
@@ -265,7 +268,8 @@ class InstalledHandler:
         timeout = command_timeout(manifest, command)
         return run_command(line, cwd=self.dir, env=self.command_env(seq), timeout=timeout,
                            log_file=self.log_folder / "CommandExecution.log",
-                           label=self.label, command=command, stop=stop)
+                           label=self.label, command=command, stop=stop,
+                           namespace_root=self.ctx.guest_root if self.ctx.azure_paths else None)
 
     def command_env(self, seq: int) -> dict[str, str]:
         return handler_env(self.ctx, seq)
@@ -306,10 +310,50 @@ def handler_env(ctx: GuestContext, seq: int) -> dict[str, str]:
 
 # --- running a command -----------------------------------------------------------------------
 
+# The paths a handler written for Azure's agent uses as they are (/var/lib/waagent/<thumb>.crt
+# and .prv, /etc/azure/vmbackup.conf, /var/log/azure); in a lab VM they live under its guest
+# root. Exit status of a command whose paths could not be set up.
+AZURE_PATHS = ("/var/lib/waagent", "/etc/azure", "/var/log/azure")
+CODE_NAMESPACE = 97
+_NAMESPACE_SCRIPT = (
+    'g=$1; line=$2; for d in ' + " ".join(AZURE_PATHS) + '; do '
+    'mount --bind "$g$d" "$d" || { echo "vmvault-agent: cannot show $g$d at $d" >&2; '
+    f'exit {CODE_NAMESPACE}; }}; done; exec /bin/sh -c "$line"')
+
+
+def azure_paths_available(guest_root: Path) -> bool:
+    """Can handler commands see the guest's files at Azure's paths? Root, a guest root that is
+    not / (a lab VM) and a working ``unshare``: the empty mount points are made on the host
+    (if missing) and the guest's folders bound over them inside each command's own mount
+    namespace only; the host's view of those paths never changes."""
+    if os.geteuid() != 0 or guest_root.resolve() == Path("/") or not shutil.which("unshare"):
+        return False
+    try:
+        for path in AZURE_PATHS:
+            (guest_root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            Path(path).mkdir(parents=True, exist_ok=True)
+        probe = subprocess.run(_namespaced(guest_root, "true"), capture_output=True,
+                               timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("handlers run with the guest's paths as they are: %s", exc)
+        return False
+    if probe.returncode != 0:
+        log.warning("handlers run with the guest's paths as they are: %s",
+                    probe.stderr.decode(errors="replace").strip() or f"exit {probe.returncode}")
+    return probe.returncode == 0
+
+
+def _namespaced(guest_root: Path, line: str) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+            _NAMESPACE_SCRIPT, "vmvault-namespace", str(guest_root), line]
+
 
 def run_command(line: str, *, cwd: Path, env: dict[str, str], timeout: float, log_file: Path,
-                label: str, command: str, stop: threading.Event | None = None) -> CommandResult:
-    """Run ``/bin/sh -c line`` in a new process group; kill the group on timeout or stop."""
+                label: str, command: str, stop: threading.Event | None = None,
+                namespace_root: Path | None = None) -> CommandResult:
+    """Run ``/bin/sh -c line`` in a new process group; kill the group on timeout or stop.
+    With namespace_root, in a mount namespace of its own that shows namespace_root's Azure
+    paths at Azure's paths."""
     if stop is not None and stop.is_set():
         return _result(command, label, 0, "aborted", timeout, "")
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +366,9 @@ def run_command(line: str, *, cwd: Path, env: dict[str, str], timeout: float, lo
         out.flush()
         start = out.tell()
         try:
-            proc = subprocess.Popen(["/bin/sh", "-c", line], cwd=cwd, env=env,
+            argv = (["/bin/sh", "-c", line] if namespace_root is None
+                    else _namespaced(namespace_root, line))
+            proc = subprocess.Popen(argv, cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:

@@ -113,6 +113,11 @@ restart_agent, install_agent, uninstall_agent = (_agent("restart"), _agent("inst
                                                  _agent("uninstall"))
 
 
+def set_agent(resource_group_name: str, vm_name: str, proxy: str) -> Any:
+    """Set the lab VM's agent configuration: its HTTP proxy (restarts a running agent)."""
+    return call("PATCH", _path(resource_group_name, vm_name, "vmAgent"), {"httpProxy": proxy})
+
+
 def _ext_table(rows: Any) -> Any:
     return table(rows, [("Name", "name"), ("ProvisioningState", "provisioningState"),
                         ("Publisher", "publisher"), ("Version", "typeHandlerVersion"),
@@ -134,6 +139,7 @@ def load_commands(loader: Any) -> None:
     with CommandGroup(loader, "vm agent", "vmvault.cli.commands.vm_extension#{}") as g:
         for action in ("show", "start", "stop", "restart", "install", "uninstall"):
             g.command(action, f"{action}_agent", table_transformer=_agent_table)
+        g.command("set", "set_agent", table_transformer=_agent_table)
 
 
 def load_arguments(loader: Any) -> None:
@@ -141,6 +147,10 @@ def load_arguments(loader: Any) -> None:
         with ArgumentsContext(loader, scope) as ac:
             ac.argument("resource_group_name", resource_group)
             ac.argument("vm_name", options_list=["--vm-name"], help="Name of the VM.")
+    with ArgumentsContext(loader, "vm agent set") as ac:
+        ac.argument("proxy", options_list=["--proxy"],
+                    help='The agent\'s HTTP proxy, http://HOST:PORT (WALinuxAgent\'s '
+                         'HttpProxy.Host and HttpProxy.Port); "" removes it.')
     with ArgumentsContext(loader, "vm extension") as ac:
         ac.argument("name", options_list=["--name", "-n"], help="Name of the extension.")
         ac.argument("publisher", help="The extension's publisher, e.g. "
