@@ -80,18 +80,22 @@ def install(ctx: Context, vm: VirtualMachine) -> None:
     """Put the agent into the VM: its configuration (with a fresh registration token) and a
     catalog row that waits for its registration."""
     token = secrets.token_urlsafe(32)
-    root = guest_root(ctx, vm)
-    conf_dir = root / "etc" / "vmvault"
-    conf_dir.mkdir(parents=True, exist_ok=True)
+    path = config_path(ctx, vm)
+    path.parent.mkdir(parents=True, exist_ok=True)
     conf = {"serverUrl": ctx.api_url, "vmId": vm.vm_id, "registrationToken": token,
             "mountRoot": str(mount_root(ctx, vm)), "pollSeconds": 20,
             "heartbeatSeconds": ctx.guest.heartbeat_seconds}
-    _write_private_json(conf_dir / "agent.json", conf)
+    _write_private_json(path, conf)
     token_hash = hashlib.sha256(token.encode()).hexdigest()
     if vm.agent is None:
         vm.agent = VmAgent(token_hash=token_hash)
     else:
         vm.agent.token_hash = token_hash
+
+
+def config_path(ctx: Context, vm: VirtualMachine) -> Path:
+    """The lab agent's configuration, etc/vmvault/agent.json under the guest root."""
+    return guest_root(ctx, vm) / "etc" / "vmvault" / "agent.json"
 
 
 def _write_private_json(path: Path, data: dict[str, Any]) -> None:
@@ -105,7 +109,7 @@ def _write_private_json(path: Path, data: dict[str, Any]) -> None:
 
 def update_server_url(ctx: Context, vm: VirtualMachine) -> None:
     """The stack may come up on other ports: point the agent's configuration at this server."""
-    path = guest_root(ctx, vm) / "etc" / "vmvault" / "agent.json"
+    path = config_path(ctx, vm)
     try:
         conf = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -138,7 +142,7 @@ def configure(ctx: Context, group: str, name: str, http_proxy: str | None) -> di
         vm = vms.get(s, group, name)
         if vm.agent is None:
             raise VmvaultError(AGENT_NOT_INSTALLED, name=vm.name)
-        path = guest_root(ctx, vm) / "etc" / "vmvault" / "agent.json"
+        path = config_path(ctx, vm)
         conf = json.loads(path.read_text())
         if http_proxy:
             conf["httpProxy"] = http_proxy

@@ -82,17 +82,11 @@ def _given_package(source: str, folder: str) -> Path:
     if not (path / "HandlerManifest.json").is_file():
         raise invalid("VMVAULT_VMSNAPSHOT_PACKAGE",
                       f"'{source}' is neither a zip nor a folder holding HandlerManifest.json")
+    from vmvault.extensions.vmsnapshot.package import zip_folder
+
     Path(folder).mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    out = Path(folder) / f"given-{digest}.zip"
-    tmp = out.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for file in sorted(path.rglob("*")):
-            if file.is_file() and "__pycache__" not in file.parts:
-                info = zipfile.ZipInfo.from_file(file, file.relative_to(path).as_posix())
-                zf.writestr(info, file.read_bytes(), zipfile.ZIP_DEFLATED)
-    tmp.replace(out)
-    return out
+    return zip_folder(path, Path(folder) / f"given-{digest}.zip")
 
 
 @functools.cache

@@ -51,3 +51,14 @@ def build_package(dest_dir: Path) -> Path:
         _add(zf, SCRIPT, SCRIPT_TEXT, 0o755)
     tmp.replace(path)
     return path
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    """Zip a handler folder as it is (its files at the zip's top, mode bits kept) into dest."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file() and "__pycache__" not in file.parts:
+                zf.write(file, file.relative_to(folder).as_posix())
+    tmp.replace(dest)
+    return dest
