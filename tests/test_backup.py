@@ -90,7 +90,7 @@ def test_full_incremental_restore_vault_and_snapshot(stack: Stack, names: dict[s
     assert len(rps) == 2
     newest, oldest = rps
     assert newest["properties"]["recoveryPointType"] == "CrashConsistent"
-    assert newest["properties"]["tier"] == "SnapshotAndVault"
+    assert newest["properties"]["tier"] == "SnapshotAndVaultStandard"
     stats = newest["properties"]["transferStats"]
     assert stats["incremental"] is True
     # Only what changed was read: far less than the disks (1 GiB data + 1 GiB OS disk).

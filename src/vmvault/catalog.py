@@ -36,10 +36,13 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from vmvault import clock
+
 
 def utcnow() -> dt.datetime:
-    """Now, in UTC, naive: the catalog stores UTC times without a zone."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    """The service's now (vmvault.clock), in UTC, naive: the catalog stores UTC times
+    without a zone."""
+    return clock.utcnow()
 
 
 def new_id() -> str:
@@ -203,6 +206,9 @@ class ProtectedItem(Base):
     last_backup_time: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     # Snapshot ids (per disk) of the last snapshot backed up: the base of the next incremental.
     last_snapshots: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The scheduler's cursor: slots at or before it are handled (a job exists, or the item
+    # was not protected then). Set when protection starts or resumes.
+    schedule_cursor: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     vault: Mapped[Vault] = relationship()
     policy: Mapped[Policy | None] = relationship()
@@ -210,6 +216,7 @@ class ProtectedItem(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("item_id", "slot", name="uq_jobs_item_slot"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(String(36), default=new_id, unique=True)
     vault_id: Mapped[int] = mapped_column(ForeignKey("vaults.id"))
@@ -225,6 +232,8 @@ class Job(Base):
     sub_tasks: Mapped[list[Any]] = mapped_column(default=list)
     error_details: Mapped[list[Any]] = mapped_column(default=list)
     progress_percent: Mapped[int] = mapped_column(Integer, default=0)
+    # A scheduled backup's slot ("Policy@2026-11-23T20:30:00Z"): one job per item and slot.
+    slot: Mapped[str | None] = mapped_column(String(200), default=None)
     vault: Mapped[Vault] = relationship()
     item: Mapped[ProtectedItem | None] = relationship()
 
@@ -238,6 +247,9 @@ class RecoveryPoint(Base):
     time: Mapped[dt.datetime] = mapped_column(DateTime)
     consistency: Mapped[str] = mapped_column(String(32))  # CrashConsistent, AppConsistent, ...
     tier: Mapped[str] = mapped_column(String(32), default="Vault")
+    kind: Mapped[str] = mapped_column(String(16), default="OnDemand")  # or Scheduled
+    # The retention schedules that keep a scheduled point (Daily, Weekly, Monthly, Yearly).
+    retention_tags: Mapped[list[Any]] = mapped_column(default=list)
     expiry: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     # Per disk: name, lun, size, snapshot id (while the snapshot tier holds it).
     disks: Mapped[list[Any]] = mapped_column(default=list)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_API_PORT = 47080
@@ -156,3 +157,40 @@ class GuestSettings:
             agent_stop_seconds=_env_float("VMVAULT_AGENT_STOP_SECONDS", d.agent_stop_seconds),
             vmsnapshot_package=os.environ.get("VMVAULT_VMSNAPSHOT_PACKAGE") or None,
         )
+
+
+def _setting(default: float, env: str, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The scheduler's and the jobs' limits, each set by an environment variable of the server
+    (listed by `vmvault backup troubleshoot --settings` and in docs/errors.md)."""
+
+    transfer_retries: float = _setting(
+        3, "VMVAULT_TRANSFER_RETRIES", "retries of a transient transfer failure (B9, B10)")
+    retry_backoff_seconds: float = _setting(
+        30, "VMVAULT_RETRY_BACKOFF_SECONDS", "first wait before a retry; doubles each time")
+    transfer_timeout_seconds: float = _setting(
+        86400, "VMVAULT_TRANSFER_TIMEOUT_SECONDS", "one transfer attempt's limit (B9)")
+    backup_warn_seconds: float = _setting(
+        43200, "VMVAULT_BACKUP_WARN_SECONDS", "a backup running longer gets a warning")
+    restore_warn_seconds: float = _setting(
+        21600, "VMVAULT_RESTORE_WARN_SECONDS", "a restore running longer gets a warning")
+    cancel_wait_seconds: float = _setting(
+        30, "VMVAULT_CANCEL_WAIT_SECONDS", "how long 'job stop' waits for a checkpoint (J4)")
+    scheduler_tick_seconds: float = _setting(
+        1, "VMVAULT_SCHEDULER_TICK_SECONDS", "how often the scheduler looks at the clock")
+    late_seconds: float = _setting(
+        600, "VMVAULT_SCHEDULER_LATE_SECONDS",
+        "a slot found later than this after its time is a missed slot (catch-up run)")
+    group_concurrency: float = _setting(
+        5, "VMVAULT_GROUP_CONCURRENCY", "scheduled backups of one resource group at once (S3)")
+    retention_interval_seconds: float = _setting(
+        60, "VMVAULT_RETENTION_SECONDS", "how often expired recovery points are removed")
+
+    @classmethod
+    def from_env(cls) -> ServiceSettings:
+        return cls(**{f.name: _env_float(f.metadata["env"], float(f.default))  # type: ignore[arg-type]
+                      for f in fields(cls)})

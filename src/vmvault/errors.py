@@ -19,14 +19,15 @@ class ErrorEntry:
     action: str
     http_status: int = 400
     row: str = ""  # the troubleshooting row (B8, R6, ...) this entry answers, if any
+    severity: str = "error"  # or "warning": recorded on a job that goes on
 
 
 CATALOG: dict[str, ErrorEntry] = {}
 
 
 def _entry(code: str, message: str, action: str, http_status: int = 400,
-           row: str = "") -> ErrorEntry:
-    entry = ErrorEntry(code, message, action, http_status, row)
+           row: str = "", severity: str = "error") -> ErrorEntry:
+    entry = ErrorEntry(code, message, action, http_status, row, severity)
     CATALOG[code] = entry
     return entry
 
@@ -82,7 +83,7 @@ VM_NOT_FOUND = _entry(
     "Stop protection and retain data, or recreate the VM with the same name in the same "
     "resource group.",
     404,
-    row="B1",
+    row="B1, B7",
 )
 VM_NOT_IN_DESIRABLE_STATE = _entry(
     "UserErrorVmNotInDesirableState",
@@ -238,6 +239,54 @@ BACKUP_INTERNAL = _entry(
     500,
     row="B10",
 )
+BACKUP_TRANSFER_TIMEOUT = _entry(
+    "CopyingVHDsFromBackUpVaultTakingLongTime",
+    "Copying the disks of '{name}' to the vault did not finish within {limit} ({reason}).",
+    "This is usually transient (storage or throughput limits): retry in a few minutes; if it "
+    "keeps happening, move the policy's time to a quieter hour.",
+    504,
+    row="B9",
+)
+PREMIUM_STORAGE_QUOTA = _entry(
+    "UserErrorBCMPremiumStorageQuotaError",
+    "The premium storage account '{name}' has {free} bytes free, less than the {needed} bytes "
+    "of disk data the snapshot may have to keep.",
+    "Free space in the storage account (or raise its capacity) so that it has room for the "
+    "premium disks' data, then retry.",
+    409,
+    row="B4",
+)
+KEY_NOT_AVAILABLE = _entry(
+    "UserErrorKeyvaultPermissionsNotConfigured",
+    "The key material of vault '{name}' is not available to the backup service: {reason}",
+    "Give the service its key back: restore the vault's key file at {path} (from your key "
+    "backup), or open the vault with its password; then retry.",
+    403,
+    row="B13",
+)
+BACKUP_TOO_LONG = _entry(
+    "BackupTakingLongerThanExpected",
+    "The backup of '{name}' has been running for {elapsed}, longer than {limit}.",
+    "Best practice: keep a VM's backup under 12 hours - spread the policies of busy VMs over "
+    "the day, avoid large changes just before the backup window, and check the guest's load.",
+    200,
+    severity="warning",
+)
+RESTORE_TOO_LONG = _entry(
+    "RestoreTakingLongerThanExpected",
+    "The restore of '{name}' has been running for {elapsed}, longer than {limit}.",
+    "Best practice: keep restores under 6 hours - restore to a storage account in the vault's "
+    "region that is not busy, and restore from the snapshot tier (instant) when the point is "
+    "still there.",
+    200,
+    severity="warning",
+)
+PROTECTION_STOPPED = _entry(
+    "UserErrorProtectionStopped",
+    "Protection of '{name}' is stopped; no backup runs for it.",
+    "Resume protection with 'vmvault backup protection resume', then retry.",
+    409,
+)
 RESTORE_FAILED = _entry(
     "UserErrorRestoreFailed",
     "The restore failed: {reason}",
@@ -272,6 +321,77 @@ VAULT_NOT_EMPTY = _entry(
     "Stop protection with --delete-backup-data for each item first.",
     409,
 )
+VAULT_LOCKED = _entry(
+    "UserErrorVaultLocked",
+    "The vault at {path} is locked by {holder} ({operation}, since {since}).",
+    "Wait for that operation to finish and retry; a lock whose process is gone is removed "
+    "automatically.",
+    409,
+)
+
+
+# --- the scheduler ---------------------------------------------------------------
+BACKUPS_QUEUED = _entry(
+    "ScheduledBackupsQueued",
+    "{count} backups of resource group '{group}' were due at {time}; more than {limit} at once, "
+    "so this one waited for others to finish.",
+    "Spread the start times of the policies of one resource group by at least an hour.",
+    200,
+    row="S3",
+    severity="warning",
+)
+CATCH_UP = _entry(
+    "ScheduledBackupCatchUp",
+    "The scheduled backup of {missed} was missed (the vmvault server was not running then, or "
+    "its clock jumped past it); this job is its catch-up run.",
+    "Keep the server running (vmvault up) across the policies' backup times.",
+    200,
+    severity="warning",
+)
+
+# --- jobs (rows J1-J4) ---------------------------------------------------------------------
+JOB_CANCEL_NOT_SUPPORTED = _entry(
+    "UserErrorJobCancellationNotSupported",
+    "Cancellation is not supported for this job type ({operation}).",
+    "Wait until the job completes.",
+    400,
+    row="J1",
+)
+JOB_NOT_CANCELLABLE = _entry(
+    "UserErrorJobNotInCancellableState",
+    "The job is not in a cancellable state ({state}).",
+    "Wait until the job completes.",
+    409,
+    row="J2",
+)
+JOB_NOT_IN_PROGRESS = _entry(
+    "UserErrorJobNotInProgress",
+    "Cancellation is supported only for jobs in progress; this job is {status}.",
+    "Nothing to cancel: look at the job's result with 'vmvault backup job show'.",
+    409,
+    row="J3",
+)
+JOB_CANCEL_FAILED = _entry(
+    "UserErrorJobCancellationFailed",
+    "Failed to cancel the job: {reason}",
+    "Wait until the job completes.",
+    409,
+    row="J4",
+)
+JOB_CANCELLED = _entry(
+    "JobCancelledByUser",
+    "The job was cancelled at the user's request ({where}); nothing it started was kept.",
+    "Start the operation again when you need it.",
+    200,
+    severity="warning",
+)
+
+
+def _fill(text: str, fields: dict[str, Any]) -> str:
+    try:
+        return text.format(**fields)
+    except (KeyError, IndexError):
+        return text
 
 
 class VmvaultError(Exception):
@@ -280,12 +400,9 @@ class VmvaultError(Exception):
     def __init__(self, entry: ErrorEntry, **fields: Any) -> None:
         self.entry = entry
         self.fields = fields
-        try:
-            message = entry.message.format(**fields)
-        except (KeyError, IndexError):
-            message = entry.message
-        self.message = message
-        super().__init__(f"({entry.code}) {message}")
+        self.message = _fill(entry.message, fields)
+        self._action = _fill(entry.action, fields)
+        super().__init__(f"({entry.code}) {self.message}")
 
     @property
     def code(self) -> str:
@@ -293,7 +410,7 @@ class VmvaultError(Exception):
 
     @property
     def action(self) -> str:
-        return self.entry.action
+        return self._action
 
     @property
     def http_status(self) -> int:
@@ -353,6 +470,58 @@ BLOB_INVALID_BLOCK_LIST = _entry(
 )
 
 
+@dataclass(frozen=True)
+class NotApplicable:
+    """A row of the troubleshooting guide that cannot happen in vmvault, and why."""
+
+    row: str
+    situation: str
+    reason: str
+
+
+_WINDOWS = "Windows only: vmvault protects Linux VMs (no VSS, COM+, registry or .NET)."
+_NEW_VM = ("Restoring as a new VM (network, DNS, IP configuration of the target): vmvault "
+           "restores disks (RestoreDisks) and lab VMs have no virtual network, DNS name, "
+           "reserved IP or endpoints; create the VM from the restored disks, as this row's "
+           "own advice says.")
+NOT_APPLICABLE: list[NotApplicable] = [
+    NotApplicable("W1", "Extension install fails: COM+ cannot talk to the Microsoft "
+                  "Distributed Transaction Coordinator", _WINDOWS),
+    NotApplicable("W2", "Snapshot fails: the drive is locked by BitLocker (VSS error)",
+                  _WINDOWS),
+    NotApplicable("W3", "Snapshot fails: VSS writers in a bad state", _WINDOWS),
+    NotApplicable("W4", "Snapshot fails: configuration parse error (MachineKeys permissions)",
+                  _WINDOWS),
+    NotApplicable("W5", "Snapshot fails: COM+ error", _WINDOWS),
+    NotApplicable("W6", "Snapshot fails: no secure channel (SchUseStrongCrypto for .NET)",
+                  _WINDOWS),
+    NotApplicable("W7", "Snapshot fails: Visual C++ 2012 redistributable install failed",
+                  _WINDOWS),
+    NotApplicable("R1", "Cloud internal error (special DNS or reserved IP at the target)",
+                  _NEW_VM),
+    NotApplicable("R2", "The chosen DNS name is already in use", _NEW_VM),
+    NotApplicable("R3", "The given virtual network configuration is invalid", _NEW_VM),
+    NotApplicable("R4", "The target uses a reserved IP that does not match the VM", _NEW_VM),
+    NotApplicable("R5", "The target reached its input endpoint limit", _NEW_VM),
+    NotApplicable("R9", "The resource group quota is reached (restore creating a VM and its "
+                  "resources)", _NEW_VM),
+    NotApplicable("R10", "The selected subnet does not exist", _NEW_VM),
+    NotApplicable("R11", "The backup service lacks permission to create the VM's resources",
+                  _NEW_VM + " vmvault has no role-based access control (one local operator)."),
+]
+
+
+def lookup(key: str) -> list[ErrorEntry | NotApplicable]:
+    """Entries by code (case-insensitive) or by troubleshooting row (B8, J2, S3, R7, ...)."""
+    wanted = key.strip().lower()
+    found: list[ErrorEntry | NotApplicable] = [
+        e for e in CATALOG.values()
+        if e.code.lower() == wanted or wanted in [r.strip().lower() for r in e.row.split(",")
+                                                  if r.strip()]]
+    found += [n for n in NOT_APPLICABLE if n.row.lower() == wanted]
+    return found
+
+
 def catalog_markdown() -> str:
     """docs/errors.md, generated from the catalog (python -m vmvault.errors > docs/errors.md)."""
     lines = [
@@ -366,9 +535,21 @@ def catalog_markdown() -> str:
         "| --- | ---: | --- | --- | --- |",
     ]
     for entry in sorted(CATALOG.values(), key=lambda e: (e.row or "~", e.code)):
-        cells = [entry.code, str(entry.http_status), entry.row or "",
+        status = str(entry.http_status) if entry.severity == "error" else entry.severity
+        cells = [entry.code, status, entry.row or "",
                  entry.message.replace("|", "\\|"), entry.action.replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Rows that do not apply to vmvault",
+        "",
+        "The guide's rows below cannot happen here; `vmvault backup troubleshoot --code ROW`",
+        "says the same.",
+        "",
+        "| Row | Situation | Why not here |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {n.row} | {n.situation} | {n.reason} |" for n in NOT_APPLICABLE]
     return "\n".join(lines) + "\n"
 
 

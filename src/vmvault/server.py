@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from vmvault.api.app import create_app
 from vmvault.config import paths
 from vmvault.context import Context
-from vmvault.control import backup, jobs
+from vmvault.control import backup, jobs, scheduler
 from vmvault.fabric import vms
 
 log = logging.getLogger("vmvault.server")
@@ -25,16 +25,20 @@ log = logging.getLogger("vmvault.server")
 
 def build(blob_url: str, api_url: str = "") -> tuple[FastAPI, jobs.JobRunner, Context]:
     ctx = Context.open(paths(), blob_url, api_url=api_url)
-    failed = jobs.fail_orphans(ctx, lambda s, job: backup.cleanup_orphan(ctx, s, job))
+    failed = jobs.fail_orphans(ctx, lambda s, job: backup.cleanup_orphan(ctx, s, job),
+                               keep=lambda job: job.slot is not None and not scheduler.started(job))
     for job_id in failed:
         log.warning("job %s was left in progress by a stopped server: marked Failed", job_id)
     vms.reattach_running(ctx)
     runner = jobs.JobRunner(ctx)
-    app = create_app(ctx, runner)
+    sched = scheduler.Scheduler(ctx, runner)
+    app = create_app(ctx, runner, sched)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sched.start()
         yield
+        sched.stop()
         runner.shutdown()
         vms.detach_all(ctx)
 

@@ -14,11 +14,12 @@ from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from vmvault import __version__, arm
+from vmvault import __version__, arm, clock
 from vmvault.api import agent as agent_api
 from vmvault.config import SUBSCRIPTION_ID
 from vmvault.context import Context
 from vmvault.control import backup, jobs, policies, protection, restore, vaults
+from vmvault.control.scheduler import Scheduler
 from vmvault.errors import VmvaultError, invalid
 from vmvault.fabric import agents, deployments, extensions, groups, storage_accounts, vms
 
@@ -42,7 +43,7 @@ def _last_segment(value: str | None) -> str | None:
     return value.rstrip("/").split("/")[-1] if value else None
 
 
-def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
+def create_app(ctx: Context, runner: jobs.JobRunner, scheduler: Scheduler) -> FastAPI:
     app = FastAPI(title="vmvault", version=__version__,
                   description="Self-hosted Azure Backup for Linux VMs: ARM-shaped REST API.")
 
@@ -65,6 +66,31 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
                 "pool": {"path": str(ctx.pool.path), "fsType": ctx.pool.fs_type,
                          "reflink": ctx.pool.reflink, "warning": ctx.pool.warning},
                 "catalog": ctx.catalog.url.split("://")[0]}
+
+    @app.get("/vmvault/clock")
+    def get_clock() -> Json:
+        return clock_view()
+
+    @app.put("/vmvault/clock")
+    def set_clock(body: Json = Body(default={})) -> Json:
+        if not clock.simulated():
+            raise invalid("clock", "the server keeps the system's time; start the stack with "
+                          f"{clock.ENV}=1 to simulate time")
+        if body.get("reset"):
+            clock.set_offset(0.0)
+        elif body.get("now"):
+            target = arm.parse_date(str(body["now"]), "--time")
+            clock.set_offset((target - clock.real_utcnow()).total_seconds())
+        elif body.get("advanceSeconds") is not None:
+            clock.set_offset(clock.offset_seconds() + float(body["advanceSeconds"]))
+        else:
+            raise invalid("clock", "give now, advanceSeconds or reset")
+        scheduler.wake()
+        return clock_view()
+
+    def clock_view() -> Json:
+        return {"now": arm.iso(clock.utcnow()), "simulated": clock.simulated(),
+                "offsetSeconds": clock.offset_seconds()}
 
     # --- resource groups ------------------------------------------------------------------------
     @app.put(RG)
@@ -260,14 +286,45 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
         with ctx.catalog.session() as s:
             return policies.to_arm(s, policies.get(s, vaults.get(s, group, vault), policy))
 
+    @app.put(VAULT + "/backupPolicies/{policy}")
+    def put_policy(request: Request, subscription: str, group: str, vault: str, policy: str,
+                   body: Json = Body(default={})) -> Json:
+        result = policies.put(ctx, group, vault, policy, _props(body),
+                              must_exist=request.headers.get("if-match") == "*",
+                              must_not_exist=request.headers.get("if-none-match") == "*")
+        scheduler.wake()
+        return result
+
+    @app.delete(VAULT + "/backupPolicies/{policy}")
+    def delete_policy(subscription: str, group: str, vault: str, policy: str) -> Response:
+        policies.delete(ctx, group, vault, policy)
+        return Response(status_code=200)
+
+    @app.get(VAULT + "/defaultBackupPolicy")
+    def default_policy(subscription: str, group: str, vault: str) -> Json:
+        return policies.default_for_vm(ctx, group, vault)
+
     # --- protection ------------------------------------------------------------------------------
     @app.put(ITEM)
-    def enable_protection(subscription: str, group: str, vault: str, container: str, item: str,
-                          body: Json = Body(default={})) -> Json:
+    def enable_protection(request: Request, subscription: str, group: str, vault: str,
+                          container: str, item: str, body: Json = Body(default={})) -> Json:
         p = _props(body)
-        vm = str(p.get("sourceResourceId") or protection.friendly(item))
-        policy = _last_segment(p.get("policyId")) or policies.DEFAULT_POLICY
-        return protection.enable_for_vm(ctx, group, vault, vm, policy)
+        policy_id = _last_segment(p.get("policyId"))
+        create_only = request.headers.get("if-none-match") == "*"
+        if not create_only and protection.exists(ctx, group, vault, container, item):
+            result = protection.update_item(ctx, group, vault, container, item,
+                                            p.get("protectionState"), policy_id)
+        else:
+            vm = str(p.get("sourceResourceId") or protection.friendly(item))
+            result = protection.enable_for_vm(ctx, group, vault, vm,
+                                              policy_id or policies.DEFAULT_POLICY)
+        scheduler.wake()
+        return result
+
+    @app.delete(ITEM, status_code=202)
+    def delete_item(subscription: str, group: str, vault: str, container: str,
+                    item: str) -> Json:
+        return protection.delete_backup_data(ctx, group, vault, container, item, runner)
 
     @app.get(ITEM)
     def get_item(subscription: str, group: str, vault: str, container: str, item: str) -> Json:
@@ -328,6 +385,14 @@ def create_app(ctx: Context, runner: jobs.JobRunner) -> FastAPI:
 
     @app.get(VAULT + "/backupJobs/{job}")
     def get_job(subscription: str, group: str, vault: str, job: str) -> Json:
+        with ctx.catalog.session() as s:
+            return jobs.to_arm(jobs.get(s, vaults.get(s, group, vault), job))
+
+    @app.post(VAULT + "/backupJobs/{job}/cancel")
+    def cancel_job(subscription: str, group: str, vault: str, job: str) -> Json:
+        with ctx.catalog.session() as s:
+            jobs.get(s, vaults.get(s, group, vault), job)
+        runner.stop(job, ctx.service.cancel_wait_seconds)
         with ctx.catalog.session() as s:
             return jobs.to_arm(jobs.get(s, vaults.get(s, group, vault), job))
 

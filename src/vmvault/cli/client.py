@@ -32,12 +32,13 @@ def item_path(group: str, vault: str, container: str, item: str, *parts: str) ->
 
 
 def call(method: str, path: str, body: dict[str, Any] | None = None,
-         params: dict[str, Any] | None = None) -> Any:
+         params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Any:
     """One request; a catalog error from the server is raised as the same VmvaultError."""
     base = api_url()
     clean = {k: v for k, v in (params or {}).items() if v is not None}
     try:
-        response = httpx.request(method, base + path, json=body, params=clean, timeout=TIMEOUT)
+        response = httpx.request(method, base + path, json=body, params=clean, timeout=TIMEOUT,
+                                 headers=headers)
     except httpx.HTTPError as exc:
         raise VmvaultError(SERVER_UNREACHABLE, url=base) from exc
     if response.status_code >= 400:

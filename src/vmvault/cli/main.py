@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "stack", "group", "storage", "vm", "vm_extension", "deployment", "backup_vault",
     "backup_policy", "backup_protection",
     "backup_item", "backup_container", "backup_job", "backup_recoverypoint", "backup_restore",
+    "backup_troubleshoot", "clock",
 ]
 
 helps[""] = """

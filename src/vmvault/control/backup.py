@@ -20,11 +20,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmvault import arm
-from vmvault.catalog import Job, ProtectedItem, RecoveryPoint, VirtualMachine, utcnow
+from vmvault.catalog import Job, ProtectedItem, RecoveryPoint, Vault, VirtualMachine, utcnow
 from vmvault.context import Context
-from vmvault.control import jobs, policies, protection, vaults, vmsnapshot
+from vmvault.control import jobs, policies, protection, retention, vaults, vmsnapshot
+from vmvault.control.recoverypoints import drop_snapshots, expire_snapshots
 from vmvault.errors import (
     BACKUP_INTERNAL,
+    BACKUP_TRANSFER_TIMEOUT,
+    PREMIUM_STORAGE_QUOTA,
     STORAGE_ACCOUNT_NOT_ONLINE,
     VM_NOT_FOUND,
     VM_NOT_IN_DESIRABLE_STATE,
@@ -33,7 +36,7 @@ from vmvault.errors import (
     invalid,
 )
 from vmvault.fabric import agents, vms
-from vmvault.vault import DiskSource
+from vmvault.vault import BackupStats, DiskSource, Repository
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +89,23 @@ def preflight(s: Session, pi: ProtectedItem, ctx: Context) -> VirtualMachine:
                            state=f"VM {vm.power_state}, provisioning {vm.provisioning_state}")
     if ctx.store.get_account(vm.storage_account.name).status != "online":
         raise VmvaultError(STORAGE_ACCOUNT_NOT_ONLINE, name=vm.storage_account.name)
+    check_premium_room(ctx, vm)
     if vm.power_state == "running":  # a VM that is shut down is snapshotted by the host
         agents.check_ready(ctx, vm)
     return vm
 
 
-def drop_snapshots(ctx: Context, disks: list[dict[str, Any]]) -> None:
-    for d in disks:
-        if d.get("snapshot"):
-            try:
-                ctx.store.delete_blob(d["account"], d["container"], d["blob"],
-                                      snapshot=d["snapshot"])
-            except VmvaultError as exc:
-                log.warning("could not delete snapshot %s of %s: %s", d["snapshot"], d["blob"], exc)
+def check_premium_room(ctx: Context, vm: VirtualMachine) -> None:
+    """Row B4: a premium account keeps a snapshot's data while the disks change, so it needs
+    free space equal to the disks' data."""
+    account = vm.storage_account
+    if not account.sku.startswith("Premium"):
+        return
+    needed = sum(length for d in vm.disks
+                 for _, length in ctx.store.data_ranges(account.name, d.container, d.blob))
+    free = account.capacity_bytes - ctx.store.used_bytes(account.name)
+    if needed > free:
+        raise VmvaultError(PREMIUM_STORAGE_QUOTA, name=account.name, free=free, needed=needed)
 
 
 def _disk_sources(ctx: Context, disks: list[dict[str, Any]],
@@ -143,7 +150,7 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
         item_id = pi.id
         previous = dict(pi.last_snapshots or {})
         vault = pi.vault
-        expiry = arm.parse_date(job.parameters["retainUntil"], "retainUntil")
+        params = dict(job.parameters)
         instant_days = policies.instant_rp_days(pi.policy)
         vm_pk = vm.id
         vm_info = {"vmName": vm.name, "vmId": vm.vm_id, "vmSize": vm.size,
@@ -164,31 +171,21 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
                          "Consistency": consistency, **freeze})
     handle.end_task(TAKE_SNAPSHOT)
 
-    handle.start_task(TRANSFER)
+    metadata = {"vm": vm_info, "disks": disks, "consistency": consistency,
+                "freezeWindowMs": snap.freeze_window_ms, "jobId": handle.job_id,
+                "time": arm.iso(snap_time)}
     try:
-        with _vault_locks[vault.id]:
-            repo = vaults.open_repository(vault)
-            sources, incremental = _disk_sources(ctx, disks, previous)
-            parent = previous.get("recoveryPoint") if incremental else None
-            if parent and parent not in repo.manifests():
-                parent, sources = None, [DiskSource(s.name, s.size, s.path, s.data_ranges, None)
-                                         for s in sources]
-            stats = repo.backup(
-                rp_name, sources, parent=parent,
-                metadata={"vm": vm_info, "disks": disks, "consistency": consistency,
-                          "freezeWindowMs": snap.freeze_window_ms,
-                          "jobId": handle.job_id, "time": arm.iso(snap_time)},
-                progress=lambda done, total: handle.progress(TRANSFER, done, total),
-            )
-    except VmvaultError:
+        handle.start_task(TRANSFER)
+        stats, parent = _transfer(ctx, handle, vault, rp_name, disks, previous, metadata)
+        handle.end_task(TRANSFER)
+        handle.commit("committing the recovery point")
+    except BaseException as exc:
         drop_snapshots(ctx, disks)
-        _mark_item(ctx, item_id, "Failed")
-        raise
-    except Exception as exc:
-        drop_snapshots(ctx, disks)
-        _mark_item(ctx, item_id, "Failed")
+        _drop_manifest(vault, rp_name)
+        _mark_item(ctx, item_id, "Cancelled" if isinstance(exc, jobs.JobCancelled) else "Failed")
+        if isinstance(exc, VmvaultError) or not isinstance(exc, Exception):
+            raise
         raise VmvaultError(BACKUP_INTERNAL, reason=f"{type(exc).__name__}: {exc}") from exc
-    handle.end_task(TRANSFER)
 
     transfer = {
         "bytesTotal": stats.bytes_total, "bytesScanned": stats.bytes_scanned,
@@ -198,9 +195,10 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
     }
     with ctx.catalog.session() as s:
         pi = s.get_one(ProtectedItem, item_id)
+        kind, expiry, tags = _retention_of(pi, params, snap_time)
         s.add(RecoveryPoint(name=rp_name, item=pi, job_id=handle.job_id, time=snap_time,
                             consistency=consistency, expiry=expiry, disks=disks,
-                            stats=transfer))
+                            stats=transfer, kind=kind, retention_tags=tags))
         pi.last_snapshots = {"recoveryPoint": rp_name,
                              "disks": {d["name"]: d for d in disks}}
         pi.protection_state = "Protected"
@@ -212,27 +210,101 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
         "Backup Size": f"{stats.bytes_added / 2**20:.1f} MiB",
         "Data Scanned": f"{stats.bytes_scanned / 2**20:.1f} MiB",
         "Incremental": str(parent is not None),
+        "Recovery Point Expiry Time": arm.iso(expiry),
     })
     return "Completed"
+
+
+def _retention_of(pi: ProtectedItem, params: dict[str, Any], taken: dt.datetime
+                  ) -> tuple[str, dt.datetime, list[str]]:
+    """(kind, expiry, tags) of a new recovery point: an on-demand point is kept until its
+    --retain-until; a scheduled one as its policy's retention schedules say (control/retention),
+    counted from the point's time."""
+    if params.get("backupType") == "Scheduled" and pi.policy is not None:
+        expiry, tags = retention.scheduled_expiry(pi.policy.properties, taken)
+        return "Scheduled", expiry, tags
+    return "OnDemand", arm.parse_date(params["retainUntil"], "retainUntil"), []
+
+
+TRANSIENT = ("CopyingVHDsFromBackUpVaultTakingLongTime", "BackUpOperationFailed",
+             "UserErrorVaultLocked")
+
+
+def _transfer(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: str,
+              disks: list[dict[str, Any]], previous: dict[str, Any],
+              metadata: dict[str, Any]) -> tuple[BackupStats, str | None]:
+    """Copy the snapshots into the vault; a transient failure (B9, B10, a busy vault) is
+    retried with a doubling backoff before the job fails."""
+    settings = ctx.service
+    attempt = 0
+    while True:
+        try:
+            return _transfer_once(ctx, handle, vault, rp_name, disks, previous, metadata)
+        except jobs.JobCancelled:
+            raise
+        except VmvaultError as exc:
+            error = exc
+        except OSError as exc:
+            error = VmvaultError(BACKUP_INTERNAL, reason=f"{type(exc).__name__}: {exc}")
+        if error.code not in TRANSIENT or attempt >= settings.transfer_retries:
+            raise error
+        attempt += 1
+        delay = settings.retry_backoff_seconds * 2 ** (attempt - 1)
+        log.warning("job %s: transfer attempt %d failed (%s); retrying in %.0f s",
+                    handle.job_id, attempt, error, delay)
+        handle.set_result(**{"Transfer Retries": str(attempt),
+                             f"Transfer Attempt {attempt}": f"({error.code}) {error.message}"})
+        _sleep(handle, delay)
+
+
+def _sleep(handle: jobs.JobHandle, seconds: float) -> None:
+    """Wait, staying cancellable."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        handle.checkpoint("waiting to retry the transfer")
+        time.sleep(min(0.2, left))
+
+
+def _transfer_once(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: str,
+                   disks: list[dict[str, Any]], previous: dict[str, Any],
+                   metadata: dict[str, Any]) -> tuple[BackupStats, str | None]:
+    limit = ctx.service.transfer_timeout_seconds
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        handle.checkpoint(TRANSFER)
+        if time.monotonic() - started > limit:
+            raise VmvaultError(BACKUP_TRANSFER_TIMEOUT, name=metadata["vm"]["vmName"],
+                               limit=f"{limit:g} s",
+                               reason=f"{done * 100 // max(total, 1)}% copied")
+        handle.progress(TRANSFER, done, total)
+
+    with _vault_locks[vault.id]:
+        repo = vaults.open_repository(vault)
+        _drop_manifest(vault, rp_name, repo)  # what an earlier attempt may have written
+        sources, incremental = _disk_sources(ctx, disks, previous)
+        parent = previous.get("recoveryPoint") if incremental else None
+        if parent and parent not in repo.manifests():
+            parent, sources = None, [DiskSource(s.name, s.size, s.path, s.data_ranges, None)
+                                     for s in sources]
+        stats = repo.backup(rp_name, sources, parent=parent, metadata=metadata,
+                            progress=progress)
+    return stats, parent
+
+
+def _drop_manifest(vault: Vault, rp_name: str, repo: Repository | None = None) -> None:
+    """Remove a manifest the catalog will not record (a failed or cancelled job's)."""
+    try:
+        repo = repo or vaults.open_repository(vault)
+        if rp_name in repo.manifests():
+            repo.delete_manifest(rp_name)
+    except VmvaultError as exc:
+        log.warning("could not remove manifest %s from vault %s: %s", rp_name, vault.name, exc)
 
 
 def _mark_item(ctx: Context, item_id: int, status: str) -> None:
     with ctx.catalog.session() as s:
         s.get_one(ProtectedItem, item_id).last_backup_status = status
-
-
-def expire_snapshots(ctx: Context, s: Session, pi: ProtectedItem, instant_days: int) -> None:
-    """The snapshot tier keeps `instant_days` of snapshots, and always the newest one (the base
-    of the next incremental backup)."""
-    cutoff = utcnow() - dt.timedelta(days=instant_days)
-    newest = pi.last_snapshots.get("recoveryPoint")
-    rps = s.scalars(select(RecoveryPoint).where(RecoveryPoint.item_id == pi.id,
-                                                RecoveryPoint.time < cutoff)).all()
-    for rp in rps:
-        if rp.name == newest or not any(d.get("snapshot") for d in rp.disks):
-            continue
-        drop_snapshots(ctx, rp.disks)
-        rp.disks = [{**d, "snapshot": None} for d in rp.disks]
 
 
 def cleanup_orphan(ctx: Context, s: Session, job: Job) -> None:
@@ -242,12 +314,7 @@ def cleanup_orphan(ctx: Context, s: Session, job: Job) -> None:
         return
     rp_name = job.result.get("Recovery Point Name")
     if rp_name and s.scalar(select(RecoveryPoint).where(RecoveryPoint.name == rp_name)) is None:
-        try:
-            repo = vaults.open_repository(job.item.vault)
-            if rp_name in repo.manifests():
-                repo.delete_manifest(rp_name)
-        except VmvaultError as exc:
-            log.warning("could not clean the vault after job %s: %s", job.job_id, exc)
+        _drop_manifest(job.item.vault, rp_name)
     vm = vms.find(s, job.item.vm_group, job.item.vm_name)
     if vm is None:
         return

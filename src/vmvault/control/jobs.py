@@ -5,6 +5,13 @@ CompletedWithWarnings, Failed, Cancelled), start, end, duration, sub-tasks and
 error details taken from the error catalog. One operation per protected item at
 a time (row B8). Jobs run on worker threads inside the server; a job left
 InProgress by a server that died is failed at the next start.
+
+Cancelling (`backup job stop`, rows J1-J4) is cooperative: Backup and Restore jobs
+pass checkpoints (between steps, and with every progress report of a transfer); a
+stop request is taken at the next checkpoint, where the job undoes what it started
+and ends Cancelled. A job that has begun to commit its result can no longer be
+cancelled (J2); a job that reaches no checkpoint within the stop's wait keeps
+running and the stop fails (J4).
 """
 
 from __future__ import annotations
@@ -24,8 +31,15 @@ from vmvault import arm
 from vmvault.catalog import Job, ProtectedItem, Vault, utcnow
 from vmvault.context import Context
 from vmvault.errors import (
+    BACKUP_TOO_LONG,
     INTERNAL_ERROR,
+    JOB_CANCEL_FAILED,
+    JOB_CANCEL_NOT_SUPPORTED,
+    JOB_CANCELLED,
+    JOB_NOT_CANCELLABLE,
+    JOB_NOT_IN_PROGRESS,
     OPERATION_IN_PROGRESS,
+    RESTORE_TOO_LONG,
     VmvaultError,
     invalid,
     not_found,
@@ -35,7 +49,26 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("InProgress", "Completed", "CompletedWithWarnings", "Failed", "Cancelled")
 OPERATIONS = ("Backup", "Restore", "ConfigureBackup", "DisableBackup", "DeleteBackupData")
+CANCELLABLE = ("Backup", "Restore")
 _item_lock = threading.Lock()
+
+
+class JobCancelled(VmvaultError):
+    """Raised at a checkpoint of a job whose stop was asked for."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(JOB_CANCELLED, where=where)
+
+
+class CancelState:
+    """One running job's side of a stop request (kept in memory by the runner)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.requested = False
+        self.accepted = False
+        self.committing: str | None = None  # why the job can no longer be cancelled
+        self.step = "queued"
 
 
 def get(s: Session, vault: Vault, job_id: str) -> Job:
@@ -71,10 +104,31 @@ def create(ctx: Context, vault_id: int, item_id: int | None, operation: str, fri
 class JobHandle:
     """What a running job uses to report: sub-task states, progress, the end."""
 
-    def __init__(self, ctx: Context, job_id: str) -> None:
+    def __init__(self, ctx: Context, job_id: str, cancel: CancelState | None = None) -> None:
         self.ctx = ctx
         self.job_id = job_id
+        self.cancel = cancel or CancelState()
         self._last_progress = 0.0
+
+    def checkpoint(self, where: str) -> None:
+        """A point where the job can stop: raise JobCancelled if a stop was asked for."""
+        with self.cancel.cond:
+            self.cancel.step = where
+            if self.cancel.requested and self.cancel.committing is None:
+                self.cancel.accepted = True
+                self.cancel.cond.notify_all()
+                raise JobCancelled(where)
+
+    def commit(self, what: str) -> None:
+        """From here on the job completes: a stop asked for now is refused (row J2)."""
+        self.checkpoint(what)
+        with self.cancel.cond:
+            self.cancel.committing = what
+            self.cancel.cond.notify_all()
+
+    def warn(self, warning: VmvaultError) -> None:
+        """Record a warning once (by code): the job ends CompletedWithWarnings."""
+        self._update(lambda job: add_warning(job, warning))
 
     def _update(self, change: Callable[[Job], None]) -> None:
         with self.ctx.catalog.session() as s:
@@ -83,6 +137,8 @@ class JobHandle:
             change(job)
 
     def start_task(self, name: str) -> None:
+        self.checkpoint(name)
+
         def change(job: Job) -> None:
             job.sub_tasks = [
                 {**t, "status": "InProgress", "startTime": arm.iso(utcnow())}
@@ -129,7 +185,8 @@ class JobHandle:
 
     def finish(self, status: str, error: VmvaultError | None = None) -> None:
         def change(job: Job) -> None:
-            job.status = status
+            warned = any(e.get("warning") for e in job.error_details)
+            job.status = "CompletedWithWarnings" if status == "Completed" and warned else status
             job.end_time = utcnow()
             if status in ("Completed", "CompletedWithWarnings"):
                 job.progress_percent = 100
@@ -150,15 +207,33 @@ class JobRunner:
     def __init__(self, ctx: Context, workers: int = 2) -> None:
         self.ctx = ctx
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
+        self._cancel: dict[str, CancelState] = {}
+        self._lock = threading.Lock()
 
     def submit(self, job_id: str, work: Callable[[JobHandle], str | None]) -> None:
+        with self._lock:
+            self._cancel[job_id] = CancelState()
         self._pool.submit(self._run, job_id, work)
 
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._cancel)
+
     def _run(self, job_id: str, work: Callable[[JobHandle], str | None]) -> None:
-        handle = JobHandle(self.ctx, job_id)
+        with self._lock:
+            cancel = self._cancel.setdefault(job_id, CancelState())
+        handle = JobHandle(self.ctx, job_id, cancel)
+        with cancel.cond:
+            if cancel.accepted:  # stopped while it waited for a worker: already Cancelled
+                cancel.step = "ended"
+                return self._forget(job_id, cancel)
+            cancel.step = "starting"
         try:
             status = work(handle) or "Completed"
             handle.finish(status)
+        except JobCancelled as exc:
+            log.info("job %s cancelled (%s)", job_id, exc.fields.get("where"))
+            handle.finish("Cancelled", exc)
         except VmvaultError as exc:
             log.warning("job %s failed: %s", job_id, exc)
             handle.finish("Failed", exc)
@@ -166,16 +241,102 @@ class JobRunner:
             log.exception("job %s crashed", job_id)
             handle.finish("Failed", VmvaultError(INTERNAL_ERROR, reason=f"{type(exc).__name__}: "
                                                  f"{exc}"))
+        finally:
+            self._forget(job_id, cancel)
+
+    def _forget(self, job_id: str, cancel: CancelState) -> None:
+        with self._lock:
+            self._cancel.pop(job_id, None)
+        with cancel.cond:
+            cancel.cond.notify_all()
+
+    def stop(self, job_id: str, wait_seconds: float) -> None:
+        """Ask a running job to stop and wait until it has (rows J1-J4)."""
+        with self.ctx.catalog.session() as s:
+            job = s.scalar(select(Job).where(Job.job_id == job_id))
+            if job is None:
+                raise not_found("job", job_id)
+            operation, status = job.operation, job.status
+        if operation not in CANCELLABLE:
+            raise VmvaultError(JOB_CANCEL_NOT_SUPPORTED, operation=operation)
+        if status != "InProgress":
+            raise VmvaultError(JOB_NOT_IN_PROGRESS, status=status)
+        with self._lock:
+            cancel = self._cancel.get(job_id)
+        if cancel is None:  # it ended between the two looks
+            raise VmvaultError(JOB_NOT_IN_PROGRESS, status="no longer running")
+        deadline = time.monotonic() + wait_seconds
+        with cancel.cond:
+            if cancel.committing is not None:
+                raise VmvaultError(JOB_NOT_CANCELLABLE, state=cancel.committing)
+            cancel.requested = True
+            if cancel.step == "queued":  # not started: nothing to undo
+                cancel.accepted = True
+                JobHandle(self.ctx, job_id, cancel).finish(
+                    "Cancelled", JobCancelled("while it waited for a worker"))
+                return
+            while not cancel.accepted and cancel.committing is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                cancel.cond.wait(left)
+            if cancel.committing is not None and not cancel.accepted:
+                cancel.requested = False
+                raise VmvaultError(JOB_NOT_CANCELLABLE, state=cancel.committing)
+            if not cancel.accepted:
+                cancel.requested = False
+                raise VmvaultError(JOB_CANCEL_FAILED, reason=(
+                    f"the job did not reach a point where it can stop within {wait_seconds:g} s "
+                    f"(it is in '{cancel.step}'); it goes on"))
+        self._wait_ended(job_id, deadline + 60)
+
+    def _wait_ended(self, job_id: str, deadline: float) -> None:
+        """After a stop was taken: wait until the job has undone its work and ended."""
+        while time.monotonic() < deadline:
+            with self._lock:
+                if job_id not in self._cancel:
+                    return
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def fail_orphans(ctx: Context, cleanup: Callable[[Session, Job], None]) -> list[str]:
-    """Jobs left InProgress by a server that stopped: fail them and undo their partial work."""
+def warn_long_running(ctx: Context, backup_limit_s: float, restore_limit_s: float) -> None:
+    """Backups past their limit (12 h by default) and restores past theirs (6 h) get the
+    best-practice warning, once; the job goes on and ends CompletedWithWarnings."""
+    now = utcnow()
+    with ctx.catalog.session() as s:
+        rows = s.scalars(select(Job).where(Job.status == "InProgress",
+                                           Job.operation.in_(("Backup", "Restore")))).all()
+        for job in rows:
+            entry, limit = ((BACKUP_TOO_LONG, backup_limit_s) if job.operation == "Backup"
+                            else (RESTORE_TOO_LONG, restore_limit_s))
+            elapsed = (now - job.start_time).total_seconds()
+            if elapsed > limit:
+                add_warning(job, VmvaultError(entry, name=job.entity_friendly_name,
+                                              elapsed=_hours(elapsed), limit=_hours(limit)))
+
+
+def add_warning(job: Job, warning: VmvaultError) -> None:
+    """Record a warning on a job once (by code): the job ends CompletedWithWarnings."""
+    if not any(e["code"] == warning.code for e in job.error_details):
+        job.error_details = [*job.error_details, {**warning.to_dict(), "warning": True}]
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds:.0f} s"
+
+
+def fail_orphans(ctx: Context, cleanup: Callable[[Session, Job], None],
+                 keep: Callable[[Job], bool] = lambda job: False) -> list[str]:
+    """Jobs left InProgress by a server that stopped: fail them and undo their partial work
+    (except those `keep` names, which the caller runs again)."""
     failed = []
     with ctx.catalog.session() as s:
         for job in s.scalars(select(Job).where(Job.status == "InProgress")):
+            if keep(job):
+                continue
             cleanup(s, job)
             job.status = "Failed"
             job.end_time = utcnow()

@@ -12,8 +12,15 @@ from sqlalchemy.orm import Session
 from vmvault import arm
 from vmvault.catalog import Job, ProtectedItem, RecoveryPoint, Vault, utcnow
 from vmvault.context import Context
-from vmvault.control import jobs, policies, vaults
-from vmvault.errors import ALREADY_PROTECTED, NOT_PROTECTED, VmvaultError, invalid, not_found
+from vmvault.control import jobs, policies, recoverypoints, retention, schedule, vaults
+from vmvault.errors import (
+    ALREADY_PROTECTED,
+    NOT_PROTECTED,
+    OPERATION_IN_PROGRESS,
+    VmvaultError,
+    invalid,
+    not_found,
+)
 from vmvault.fabric import vms
 
 CONTAINER_PREFIX = "iaasvmcontainerv2"
@@ -178,8 +185,12 @@ def rp_to_arm(rp: RecoveryPoint) -> dict[str, Any]:
             "recoveryPointTime": arm.iso(rp.time),
             "recoveryPointType": rp.consistency,
             "recoveryPointTierDetails": tiers,
-            "tier": "SnapshotAndVault" if len(tiers) == 2 else "Vault",
+            "tier": recoverypoints.tier(rp),
             "expiryTime": arm.iso(rp.expiry),
+            "recoveryPointKind": rp.kind,
+            "retainedBy": (retention.describe(rp.retention_tags, rp.expiry)
+                           if rp.kind == "Scheduled" and rp.expiry
+                           else f"on demand until {rp.expiry:%Y-%m-%d}" if rp.expiry else None),
             "sourceVMStorageType": "NormalStorage",
             "recoveryPointDiskConfiguration": {
                 "numberOfDisksIncludedInBackup": len(rp.disks),
@@ -222,3 +233,105 @@ def show_rp(ctx: Context, group: str, vault_name: str, container: str, item: str
     with ctx.catalog.session() as s:
         vault = vaults.get(s, group, vault_name)
         return rp_to_arm(get_rp(s, get_item(s, vault, container, item), name))
+
+
+# --- protection lifecycle (az backup protection disable / resume, az backup item set-policy) ---
+
+
+def _record_job(s: Session, item: ProtectedItem, operation: str) -> Job:
+    """A job for an operation that completes at once (ConfigureBackup, DisableBackup)."""
+    now = utcnow()
+    job = Job(vault=item.vault, item=item, operation=operation, status="Completed",
+              entity_friendly_name=item.vm_name, start_time=now, end_time=now,
+              progress_percent=100)
+    s.add(job)
+    s.flush()
+    return job
+
+
+def update_item(ctx: Context, group: str, vault_name: str, container: str, item: str,
+                state: str | None, policy_name: str | None) -> dict[str, Any]:
+    """PUT on an existing protected item: stop protection and keep the data
+    (protectionState ProtectionStopped), resume it (a policy on a stopped item), or move it
+    to another policy. The scheduler's cursor restarts at now: no slot of the past fires."""
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        pi = get_item(s, vault, container, item)
+        if state == "ProtectionStopped":
+            if pi.protection_state == "ProtectionStopped":
+                raise invalid("--container-name", f"protection of '{pi.vm_name}' is already "
+                              "stopped; resume it with 'vmvault backup protection resume'")
+            pi.protection_state, pi.policy = "ProtectionStopped", None
+            return jobs.to_arm(_record_job(s, pi, "DisableBackup"))
+        if not policy_name:
+            raise invalid("--policy-name", "give the policy to protect the VM with")
+        policy = policies.get(s, vault, policy_name)
+        resumed = pi.protection_state == "ProtectionStopped"
+        pi.policy = policy
+        pi.schedule_cursor = schedule.restart_cursor(pi.schedule_cursor, utcnow(),
+                                                     ctx.service.late_seconds)
+        if resumed:
+            pi.protection_state = "Protected" if pi.last_backup_time else "IRPending"
+        retention_changed(s, pi)
+        return jobs.to_arm(_record_job(s, pi, "ConfigureBackup"))
+
+
+def retention_changed(s: Session, pi: ProtectedItem) -> None:
+    """A new policy's retention applies to the item's existing scheduled points too."""
+    if pi.policy is None:
+        return
+    for rp in s.scalars(select(RecoveryPoint).where(RecoveryPoint.item_id == pi.id,
+                                                    RecoveryPoint.kind == "Scheduled")):
+        rp.expiry, rp.retention_tags = retention.scheduled_expiry(pi.policy.properties, rp.time)
+
+
+def delete_backup_data(ctx: Context, group: str, vault_name: str, container: str, item: str,
+                       runner: jobs.JobRunner) -> dict[str, Any]:
+    """Stop protection and delete the backup data (az backup protection disable
+    --delete-backup-data): a DeleteBackupData job removes every recovery point, then the
+    item; the vault's garbage collection frees the space."""
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        pi = get_item(s, vault, container, item)
+        running = jobs.item_running_job(s, pi)
+        if running is not None:
+            raise VmvaultError(OPERATION_IN_PROGRESS, name=pi.vm_name, job_id=running.job_id)
+        vault_id, item_id, name = vault.id, pi.id, pi.vm_name
+    job_id = jobs.create(ctx, vault_id, item_id, "DeleteBackupData", name, {},
+                         [DELETE_TASK])
+    runner.submit(job_id, lambda handle: _delete_data(ctx, handle, item_id))
+    with ctx.catalog.session() as s:
+        return jobs.to_arm(s.scalars(select(Job).where(Job.job_id == job_id)).one())
+
+
+DELETE_TASK = "Delete backup data"
+
+
+def _delete_data(ctx: Context, handle: jobs.JobHandle, item_id: int) -> str:
+    handle.start_task(DELETE_TASK)
+    handle.commit("deleting the backup data")
+    with ctx.catalog.session() as s:
+        pi = s.get_one(ProtectedItem, item_id)
+        rps = list(s.scalars(select(RecoveryPoint).where(RecoveryPoint.item_id == pi.id)))
+        manifests = recoverypoints.remove(ctx, s, rps)
+        for job in s.scalars(select(Job).where(Job.item_id == pi.id)):
+            job.item_id = None
+        s.delete(pi)
+    report = recoverypoints.finish_removal(ctx, manifests)
+    handle.end_task(DELETE_TASK)
+    freed = sum(int(r.get("bytesFreed", 0)) for r in report.values())
+    handle.set_result(**{"Recovery Points Deleted": str(len(rps)),
+                         "Vault Space Freed": f"{max(freed, 0) / 2**20:.1f} MiB"})
+    return "Completed"
+
+
+def exists(ctx: Context, group: str, vault_name: str, container: str, item: str) -> bool:
+    with ctx.catalog.session() as s:
+        vault = vaults.get(s, group, vault_name)
+        try:
+            get_item(s, vault, container, item)
+        except VmvaultError as exc:
+            if exc.code == NOT_PROTECTED.code:
+                return False
+            raise
+        return True

@@ -93,7 +93,10 @@ def restore_disks(ctx: Context, group: str, vault_name: str, container: str, ite
 
 
 def _progress(handle: jobs.JobHandle, offset: int, total: int) -> Callable[[int, int], None]:
-    return lambda n, _disk_total: handle.progress(RESTORE_TASK, offset + n, total)
+    def report(n: int, _disk_total: int) -> None:
+        handle.checkpoint(RESTORE_TASK)
+        handle.progress(RESTORE_TASK, offset + n, total)
+    return report
 
 
 def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
@@ -116,6 +119,7 @@ def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
     try:
         repo = None if use_snapshot else vaults.open_repository(vault)
         for d in rp_disks:
+            handle.checkpoint(RESTORE_TASK)
             blob = f"{vm_name}-{d['name']}-{rp.name}.vhd"
             ctx.store.create_page_blob(account, container, blob, int(d["size"]))
             target = ctx.store.blob_path(account, container, blob)
@@ -133,12 +137,16 @@ def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
                              "fsType": d.get("fsType"),
                              "uri": f"{ctx.blob_url}/{account}/{container}/{blob}",
                              "path": str(target)})
+        handle.commit("writing the restored VM's configuration")
         config = {"source": manifest_meta_vm, "recoveryPoint": rp.name,
                   "recoveryPointTime": arm.iso(rp_time), "disks": restored,
                   "restoredFrom": params["source"]}
         ctx.store.put_block_blob(account, container, "vmconfig.json",
                                  json.dumps(config, indent=2).encode(),
                                  content_type="application/json")
+    except jobs.JobCancelled:
+        ctx.store.delete_container(account, container)  # no half-restored disks left behind
+        raise
     except VmvaultError as exc:
         if exc.code.startswith("UserErrorVault"):
             raise

@@ -19,7 +19,14 @@ from vmvault import arm
 from vmvault.catalog import Job, Policy, ProtectedItem, RecoveryPoint, Vault
 from vmvault.context import Context
 from vmvault.control import policies
-from vmvault.errors import RESOURCE_EXISTS, VAULT_NOT_EMPTY, VmvaultError, invalid, not_found
+from vmvault.errors import (
+    KEY_NOT_AVAILABLE,
+    RESOURCE_EXISTS,
+    VAULT_NOT_EMPTY,
+    VmvaultError,
+    invalid,
+    not_found,
+)
 from vmvault.fabric import groups
 from vmvault.vault import DEFAULT_CHUNK_SIZE, Repository
 
@@ -112,8 +119,12 @@ def open_repository(vault: Vault, password: str | None = None) -> Repository:
     """Open the vault's repository with the given password, else with the server's key file."""
     if password is not None:
         return Repository.open(Path(vault.repo_path), password=password)
-    return Repository.open(Path(vault.repo_path),
-                           key_file=Path(vault.key_file) if vault.key_file else None)
+    key_file = Path(vault.key_file) if vault.key_file else None
+    if key_file is None or not key_file.is_file():  # row B13: the service lost its key
+        raise VmvaultError(KEY_NOT_AVAILABLE, name=vault.name, path=key_file or "(none)",
+                           reason="its key file is missing" if key_file else
+                           "the vault has no key file for the service")
+    return Repository.open(Path(vault.repo_path), key_file=key_file)
 
 
 def check(ctx: Context, group: str, name: str, read_data: bool = False,

@@ -18,8 +18,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.catalog import VirtualMachine, utcnow
+from vmvault.catalog import VirtualMachine
+from vmvault.clock import real_utcnow
 from vmvault.context import Context
+from vmvault.control.recoverypoints import drop_snapshots
 from vmvault.errors import (
     AGENT_NOT_RESPONDING,
     AGENT_UNREACHABLE,
@@ -96,7 +98,7 @@ def wait_for_quiet_guest(ctx: Context, vm_pk: int, name: str) -> None:
 def start(ctx: Context, vm_pk: int, job_id: str) -> tuple[str, dict[str, Any]]:
     """Put a snapshot command into the VM's goal state; returns the task id and what is needed
     to follow it."""
-    now = utcnow()
+    now = real_utcnow()  # the guest compares it with its own clock
     task_id = f"{job_id}_1"
     with ctx.catalog.session() as s:
         vm = s.get_one(VirtualMachine, vm_pk)
@@ -272,7 +274,6 @@ def result(ctx: Context, status: dict[str, Any], follow: dict[str, Any]) -> Snap
         return SnapshotResult(disks, consistency, float(freeze) if freeze is not None else None,
                               status)
     drop = [d for d in disks if d.get("snapshot")]
-    from vmvault.control.backup import drop_snapshots
 
     drop_snapshots(ctx, drop)
     raise _failure(code, message, info, follow["vm"])
@@ -302,7 +303,6 @@ def host_snapshot(ctx: Context, vm_pk: int, job_id: str) -> SnapshotResult:
             {"name": d.name, "lun": d.lun, "size": d.size_bytes, "fsType": d.fs_type,
              "account": account, "container": d.container, "blob": d.blob} for d in vm.disks]
     taken: list[dict[str, Any]] = []
-    from vmvault.control.backup import drop_snapshots
 
     try:
         for d in disks:

@@ -28,7 +28,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmvault import __version__, arm
-from vmvault.catalog import VirtualMachine, VmAgent, VmExtension, utcnow
+from vmvault.catalog import VirtualMachine, VmAgent, VmExtension
+from vmvault.clock import real_utcnow as utcnow  # heartbeats measure real time
 from vmvault.context import Context
 from vmvault.errors import (
     AGENT_AUTH_FAILED,

@@ -12,8 +12,16 @@ Policy (also in docs/vault-format.md):
 
 Order, so that a crash at any point leaves a readable vault: new packs durable
 -> one new index file naming every kept and new pack durable -> old index files
-removed -> old packs removed. Prune needs exclusive access to the vault today
-(see "Concurrency" in the format doc).
+removed -> old packs removed.
+
+Concurrency (docs/vault-format.md §12): prune runs under the exclusive vault lock,
+which Repository.prune takes. It waits until running backups, restores and checks
+(shared lock holders) have finished, and operations that start meanwhile wait for
+it, so no backup can be writing a temp pack or a pack that no index names yet, and
+none can deduplicate against a chunk that prune is about to delete. Other Repository
+objects on the vault notice the new index: every operation reloads the index after
+it has taken its lock, and Index.refresh starts over when an index file it had
+loaded is gone.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from vmvault.errors import VAULT_CORRUPT, VmvaultError
 from .check import manifest_names, scan_packs, tmp_files
 from .format import INDEX_DIR, TMP_DIR, fsync_dir, pread_exact
 from .index import Index, PackList, list_index_files, read_index_file, write_index_file
+from .lock import holds_lock
 from .manifest import read_manifest
 from .pack import PackEntry, PackWriter, commit_pack, pack_path
 
@@ -55,6 +64,8 @@ def run_prune(
 ) -> PruneStats:
     started = time.monotonic()
     root = repo.path
+    if not holds_lock(root, exclusive=True):
+        raise RuntimeError("prune needs the exclusive vault lock (Repository.prune takes it)")
     crypto = repo._crypto
     stats = PruneStats()
 

@@ -1,12 +1,18 @@
-"""Repository: a vault directory (config, keys/, data/, index/, manifests/, locks/, tmp/)."""
+"""Repository: a vault directory (config, keys/, data/, index/, manifests/, locks/, tmp/).
+
+Every operation takes the vault lock (lock.py) before it touches the vault: shared for
+backup, restore, delete_manifest, check, add_key and stats; exclusive for prune and
+rebuild_index. Then it takes the object's own RLock, which guards the in-memory index.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,14 @@ from .keys import (
     unlock,
     write_slot,
 )
+from .lock import (
+    DEFAULT_EXCLUSIVE_TIMEOUT_S,
+    DEFAULT_SHARED_TIMEOUT_S,
+    LockInfo,
+    VaultLock,
+    list_locks,
+    remove_stale_locks,
+)
 from .manifest import Manifest, read_manifest
 from .pack import PackError, pack_path, read_trailer
 from .prune import DEFAULT_REWRITE_THRESHOLD, PruneStats, run_prune
@@ -70,7 +84,13 @@ INDEX_FLUSH_PACKS = 64  # a backup writes an index file every this many packs (a
 
 
 class Repository:
-    """An open vault. One operation at a time per object (a lock serialises them)."""
+    """An open vault.
+
+    Operations on one vault are coordinated by the vault lock, between Repository objects,
+    threads and processes alike; operations on one object also run one at a time.
+    `shared_lock_timeout` and `exclusive_lock_timeout` are how long an operation waits for
+    the lock by default (each locking method also takes `lock_timeout`).
+    """
 
     def __init__(self, path: Path, config: dict[str, Any], master: MasterKey) -> None:
         self.path = Path(path)
@@ -85,7 +105,9 @@ class Repository:
         self._master = master
         self._crypto = Crypto(master, level=int(config["algorithms"].get("zstd_level", ZSTD_LEVEL)))
         self._index = Index()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # this object's state; always taken after the vault lock
+        self.shared_lock_timeout = DEFAULT_SHARED_TIMEOUT_S
+        self.exclusive_lock_timeout = DEFAULT_EXCLUSIVE_TIMEOUT_S
 
     # --- create / open -------------------------------------------------------------
     @classmethod
@@ -161,7 +183,7 @@ class Repository:
             raise invalid("password", "must not be empty")
         master = self._master
         ids = []
-        with self._lock:
+        with self._locked("add-key"):  # prune must not remove the slot's temp file
             if key_file is not None:
                 secret = ensure_key_file(Path(key_file))
                 ids.append(write_slot(self.path, key_file_slot(master, self.id, secret)))
@@ -179,14 +201,21 @@ class Repository:
         parent: str | None = None,
         metadata: dict[str, Any] | None = None,
         progress: Progress | None = None,
+        lock_timeout: float | None = None,
     ) -> BackupStats:
-        """Back up `disks` as recovery point `rp_id`; the manifest is written last."""
+        """Back up `disks` as recovery point `rp_id`; the manifest is written last.
+
+        Holds a shared lock: waits for a running prune to end, and prune waits for it.
+        The index is reloaded after the lock is taken, so deduplication never trusts a
+        chunk that a prune removed while this backup waited.
+        """
+        validate_rp_id(rp_id)
         if metadata is not None:
             try:
                 json.dumps(metadata)
             except (TypeError, ValueError) as exc:
                 raise invalid("metadata", f"not JSON-serialisable: {exc}") from None
-        with self._lock:
+        with self._locked(f"backup {rp_id}", timeout=lock_timeout):
             return run_backup(
                 self, rp_id, disks, parent=parent, metadata=metadata, progress=progress
             )
@@ -202,10 +231,16 @@ class Repository:
             raise not_found("recovery point", rp_id) from None
 
     def restore_disk(
-        self, rp_id: str, disk_name: str, target: Path, *, progress: Progress | None = None
+        self,
+        rp_id: str,
+        disk_name: str,
+        target: Path,
+        *,
+        progress: Progress | None = None,
+        lock_timeout: float | None = None,
     ) -> int:
         """Write a disk into `target` (sparse file, or an existing block device)."""
-        with self._lock:
+        with self._locked(f"restore {rp_id}/{disk_name}", timeout=lock_timeout):
             return restore_file(self, rp_id, disk_name, Path(target), progress=progress)
 
     def restore_disk_to(
@@ -215,36 +250,58 @@ class Repository:
         write: Callable[[int, bytes], None],
         *,
         progress: Progress | None = None,
+        lock_timeout: float | None = None,
     ) -> int:
         """Call write(offset, data) for every stored chunk in disk order (zero chunks skipped)."""
-        with self._lock:
+        with self._locked(f"restore {rp_id}/{disk_name}", timeout=lock_timeout):
             return restore_to(self, rp_id, disk_name, write, progress=progress)
 
     # --- maintenance -----------------------------------------------------------------
-    def delete_manifest(self, rp_id: str) -> None:
+    def delete_manifest(self, rp_id: str, *, lock_timeout: float | None = None) -> None:
+        """Delete a recovery point's manifest (shared lock: its chunks stay until prune)."""
         validate_rp_id(rp_id)
-        with self._lock:
+        with self._locked(f"delete {rp_id}", timeout=lock_timeout):
             try:
                 os.unlink(self.path / MANIFESTS_DIR / rp_id)
             except FileNotFoundError:
                 raise not_found("recovery point", rp_id) from None
             fsync_dir(self.path / MANIFESTS_DIR)
 
-    def prune(self, *, rewrite_threshold: float = DEFAULT_REWRITE_THRESHOLD) -> PruneStats:
-        with self._lock:
+    def prune(
+        self,
+        *,
+        rewrite_threshold: float = DEFAULT_REWRITE_THRESHOLD,
+        lock_timeout: float | None = None,
+    ) -> PruneStats:
+        """Remove what no recovery point references (prune.py).
+
+        Holds the exclusive lock: waits up to `lock_timeout` (default
+        `exclusive_lock_timeout`) for running backups and restores to end, and operations
+        that start meanwhile wait for the prune.
+        """
+        with self._locked("prune", exclusive=True, timeout=lock_timeout):
             return run_prune(self, rewrite_threshold=rewrite_threshold)
 
-    def check(self, read_data: bool = False) -> CheckReport:
-        with self._lock:
-            return run_check(self, read_data)
+    def check(self, read_data: bool = False, *, lock_timeout: float | None = None) -> CheckReport:
+        """Verify the vault (check.py); other holders of the vault lock are listed as infos."""
+        with self._locked("check", timeout=lock_timeout) as held:
+            report = run_check(self, read_data)
+            mine = held.info
+            for info in self.locks():
+                if mine is None or info.id != mine.id:
+                    report.infos.append(
+                        f"{LOCKS_DIR}/{info.id}: the vault is locked by {info.holder()} "
+                        f"({info.operation}, since {info.time})"
+                    )
+            return report
 
-    def rebuild_index(self) -> int:
+    def rebuild_index(self, *, lock_timeout: float | None = None) -> int:
         """Rewrite the index from the pack trailers alone; returns the number of packs indexed.
 
         Packs whose trailer does not read are left out (check then names them as leftovers
-        and the recovery points that needed them as damaged).
+        and the recovery points that needed them as damaged). Holds the exclusive lock.
         """
-        with self._lock:
+        with self._locked("rebuild-index", exclusive=True, timeout=lock_timeout):
             packs, _ = scan_packs(self.path)
             found: PackList = []
             for pack_id, size in sorted(packs.items()):
@@ -266,7 +323,7 @@ class Repository:
             return len(found)
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
+        with self._locked("stats"):
             self._index.refresh(self.path, self._crypto)
             packs, _ = scan_packs(self.path)
             entries = self._index.entries
@@ -279,6 +336,33 @@ class Repository:
                 "index_files": len(self._index.files),
                 "chunk_size": self.chunk_size,
             }
+
+    # --- locks ----------------------------------------------------------------------
+    def lock(
+        self, *, exclusive: bool = False, operation: str = "", timeout: float | None = None
+    ) -> VaultLock:
+        """The vault lock, not yet taken: ``with repo.lock(exclusive=True, operation="x"):``.
+
+        `timeout` (seconds, math.inf: forever) defaults to `shared_lock_timeout` or
+        `exclusive_lock_timeout`. Nested locks in one thread do not wait (lock.py).
+        """
+        if timeout is None:
+            timeout = self.exclusive_lock_timeout if exclusive else self.shared_lock_timeout
+        return VaultLock(self.path, exclusive=exclusive, operation=operation, timeout=timeout)
+
+    def locks(self) -> list[LockInfo]:
+        """Who holds the vault lock now, oldest first (stale lock files are removed first)."""
+        remove_stale_locks(self.path)
+        return list_locks(self.path)
+
+    @contextlib.contextmanager
+    def _locked(
+        self, operation: str, *, exclusive: bool = False, timeout: float | None = None
+    ) -> Iterator[VaultLock]:
+        """The vault lock, then this object's RLock: always in this order (no deadlock)."""
+        vault_lock = self.lock(exclusive=exclusive, operation=operation, timeout=timeout)
+        with vault_lock as held, self._lock:
+            yield held
 
     # --- internals ----------------------------------------------------------------
     def max_inflight(self) -> int:

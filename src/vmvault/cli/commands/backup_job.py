@@ -20,6 +20,17 @@ helps["backup job"] = """
 type: group
 short-summary: Follow backup and restore jobs.
 """
+helps["backup job stop"] = """
+type: command
+short-summary: Cancel a Backup or Restore job in progress; a cancelled backup leaves no recovery point.
+long-summary: |
+    The job stops at its next checkpoint (between steps, or during a transfer) and undoes what
+    it started. Refused for other job types (J1), for a job committing its result (J2) and for
+    a job not in progress (J3); a job that reaches no checkpoint in time goes on (J4).
+examples:
+  - name: Cancel a job.
+    text: vmvault backup job stop -g MyResourceGroup -v MyVault -n 00000000-0000-0000-0000-000000000000
+"""
 helps["backup job wait"] = """
 type: command
 short-summary: Wait until a job ends, showing its progress; prints the job.
@@ -76,6 +87,12 @@ def wait_job(resource_group_name: str, vault_name: str, name: str,
     return job
 
 
+def stop_job(resource_group_name: str, vault_name: str, name: str) -> Any:
+    """Cancel a running Backup or Restore job; returns the job once it has stopped."""
+    return call("POST", vault_path(resource_group_name, vault_name, "backupJobs", name,
+                                   "cancel"))
+
+
 def job_table(rows: Any) -> Any:
     return table(rows, [("Name", "name"), ("Operation", "properties.operation"),
                         ("Status", "properties.status"),
@@ -90,6 +107,7 @@ def load_commands(loader: Any) -> None:
         g.command("list", "list_jobs", table_transformer=job_table)
         g.command("show", "show_job", table_transformer=job_table)
         g.command("wait", "wait_job", table_transformer=job_table)
+        g.command("stop", "stop_job", table_transformer=job_table)
 
 
 def load_arguments(loader: Any) -> None:

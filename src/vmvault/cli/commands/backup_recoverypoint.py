@@ -35,7 +35,8 @@ def show_rp(resource_group_name: str, vault_name: str, container_name: str, item
 def _table(rows: Any) -> Any:
     return table(rows, [("Name", "name"), ("Time", "properties.recoveryPointTime"),
                         ("Consistency", "properties.recoveryPointType"),
-                        ("Tier", "properties.tier"), ("Expiry", "properties.expiryTime")])
+                        ("Tier", "properties.tier"), ("Expiry", "properties.expiryTime"),
+                        ("Kept by", "properties.retainedBy")])
 
 
 def load_commands(loader: Any) -> None:
