@@ -3,6 +3,8 @@ Repository objects; stale lock files; timeouts; and backups racing prune without
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,25 @@ def try_lock(root: Path, exclusive: bool, timeout: float) -> VmvaultError | None
         return exc
 
 
+def gate_shut(root: Path) -> bool:
+    """Whether an exclusive locker is waiting at (or passing through) locks/flock-gate."""
+    fd = os.open(root / "locks" / "flock-gate", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def pack_files(root: Path) -> set[str]:
     return {p.name for p in (root / "data").glob("*/*")}
 
@@ -197,7 +218,7 @@ def test_prune_waits_for_a_running_backup_and_new_backups_wait_for_prune(
         open_repo(tmp_path).prune(lock_timeout=0.2)
     assert exc.value.code == "UserErrorVaultLocked" and "(backup rp-1, since" in exc.value.message
     pruner = run("prune", lambda: open_repo(tmp_path).prune(lock_timeout=30))
-    time.sleep(0.3)  # the prune waits, and now stands in front of new lockers
+    wait_for(lambda: gate_shut(repo.path))  # the prune waits, in front of new lockers
     backup2 = run("backup rp-2", lambda: open_repo(tmp_path).backup(
         "rp-2", [DiskSource("osdisk", 16 * CS, disk)], progress=watch))
     time.sleep(0.3)
@@ -304,6 +325,34 @@ def test_a_killed_holder_does_not_block_the_vault(tmp_path: Path) -> None:
         assert lock_files(repo.path) != []  # kill -9 left its lock file behind
         assert try_lock(repo.path, True, timeout=0) is None
         assert lock_files(repo.path) == []
+
+
+def test_a_read_only_vault_is_read_without_lock_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = new_repo(tmp_path)
+    disk = make_disk(tmp_path / "d.raw", rand(4 * CS, 5))
+    repo.backup("rp-1", [DiskSource("osdisk", 4 * CS, disk)])
+    real_open = os.open
+
+    def read_only_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    chunks: dict[int, bytes] = {}
+    repo.restore_disk_to("rp-1", "osdisk", lambda offset, data: chunks.setdefault(offset, data))
+    assert b"".join(chunks[o] for o in sorted(chunks)) == disk.read_bytes()
+    assert lock_files(repo.path) == []
+    with pytest.raises(OSError) as exc:
+        repo.prune(lock_timeout=0)  # prune could not delete anything either
+    assert exc.value.errno == errno.EROFS
+    monkeypatch.undo()
+    for name in ("flock", "flock-gate"):  # never created: a read-only vault needs no flock
+        (repo.path / "locks" / name).unlink()
+    monkeypatch.setattr(os, "open", read_only_open)
+    assert repo.check().ok and lock_files(repo.path) == []
 
 
 # --- (c) timeouts ------------------------------------------------------------------------

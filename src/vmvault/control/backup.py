@@ -28,6 +28,7 @@ from vmvault.errors import (
     BACKUP_INTERNAL,
     BACKUP_TRANSFER_TIMEOUT,
     PREMIUM_STORAGE_QUOTA,
+    PROTECTION_STOPPED,
     STORAGE_ACCOUNT_NOT_ONLINE,
     VM_NOT_FOUND,
     VM_NOT_IN_DESIRABLE_STATE,
@@ -40,8 +41,8 @@ from vmvault.vault import BackupStats, DiskSource, Repository
 
 log = logging.getLogger(__name__)
 
-# Until the vault has repository locks (docs/vault-format.md), transfers into one vault run one
-# at a time; prune never runs during them.
+# Transfers into one vault run one at a time (they would compete for the same disks and CPU);
+# the vault's own locks (docs/vault-format.md, section 12) keep prune and backups apart.
 _vault_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
 
 TAKE_SNAPSHOT = "Take Snapshot"
@@ -62,6 +63,8 @@ def backup_now(ctx: Context, group: str, vault_name: str, container: str, item: 
     with ctx.catalog.session() as s:
         vault = vaults.get(s, group, vault_name)
         pi = protection.get_item(s, vault, container, item)
+        if pi.protection_state == "ProtectionStopped":
+            raise VmvaultError(PROTECTION_STOPPED, name=pi.vm_name)
         vault_id, item_id, name = vault.id, pi.id, pi.vm_name
     job_id = jobs.create(ctx, vault_id, item_id, "Backup", name,
                          {"retainUntil": arm.iso(expiry), "backupType": "OnDemand"},
@@ -136,25 +139,24 @@ def run_backup(ctx: Context, handle: jobs.JobHandle) -> str:
     with ctx.catalog.session() as s:
         job = s.scalars(select(Job).where(Job.job_id == handle.job_id)).one()
         assert job.item is not None
-        vm_group, vm_name = job.item.vm_group, job.item.vm_name
+        vm_group, vm_name, item_id = job.item.vm_group, job.item.vm_name, job.item.id
     agents.wait_registered(ctx, vm_group, vm_name)
-    with ctx.catalog.session() as s:
-        job = s.scalars(select(Job).where(Job.job_id == handle.job_id)).one()
-        pi = job.item
-        assert pi is not None
-        try:
+    try:
+        with ctx.catalog.session() as s:
+            job = s.scalars(select(Job).where(Job.job_id == handle.job_id)).one()
+            pi = job.item
+            assert pi is not None
             vm = preflight(s, pi, ctx)
-        except VmvaultError:
-            pi.last_backup_status = "Failed"
-            raise
-        item_id = pi.id
-        previous = dict(pi.last_snapshots or {})
-        vault = pi.vault
-        params = dict(job.parameters)
-        instant_days = policies.instant_rp_days(pi.policy)
-        vm_pk = vm.id
-        vm_info = {"vmName": vm.name, "vmId": vm.vm_id, "vmSize": vm.size,
-                   "location": vm.location, "resourceGroup": vm.group.name}
+            previous = dict(pi.last_snapshots or {})
+            vault = pi.vault
+            params = dict(job.parameters)
+            instant_days = policies.instant_rp_days(pi.policy)
+            vm_pk = vm.id
+            vm_info = {"vmName": vm.name, "vmId": vm.vm_id, "vmSize": vm.size,
+                       "location": vm.location, "resourceGroup": vm.group.name}
+    except VmvaultError:  # recorded in a session of its own: the one above rolled back
+        _mark_item(ctx, item_id, "Failed")
+        raise
 
     handle.start_task(TAKE_SNAPSHOT)
     snap_time = utcnow()
@@ -287,8 +289,12 @@ def _transfer_once(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: 
         if parent and parent not in repo.manifests():
             parent, sources = None, [DiskSource(s.name, s.size, s.path, s.data_ranges, None)
                                      for s in sources]
+        # A busy vault (another process holds it exclusively, e.g. a prune) is waited for
+        # within this attempt's limit; UserErrorVaultLocked is then retried as transient.
+        lock_wait = min(repo.shared_lock_timeout,
+                        max(0.0, limit - (time.monotonic() - started)))
         stats = repo.backup(rp_name, sources, parent=parent, metadata=metadata,
-                            progress=progress)
+                            progress=progress, lock_timeout=lock_wait)
     return stats, parent
 
 

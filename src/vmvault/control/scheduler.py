@@ -145,7 +145,9 @@ class Scheduler:
         job = Job(vault_id=item.vault_id, item=item, operation="Backup",
                   entity_friendly_name=item.vm_name, parameters=params,
                   slot=schedule.slot_id(policy.name, slot), start_time=now,
-                  result={}, error_details=[],
+                  result={"Backup Type": "Scheduled", "Slot": schedule.slot_id(policy.name, slot),
+                          "Catch-up": str(late)},
+                  error_details=[],
                   sub_tasks=[jobs.task(backup.TAKE_SNAPSHOT), jobs.task(backup.TRANSFER)])
         s.add(job)
         if late:

@@ -125,6 +125,11 @@ class _Checker:
         counts = self.report.counts
         self.check_config()
 
+        # Listed in the reverse of the order a backup writes them in (packs, then index files,
+        # then the manifest), so that a backup running alongside (both hold shared locks) never
+        # shows as a manifest without its index entries or an index entry without its pack.
+        manifests = manifest_names(root)
+        index_files = list_index_files(root)
         packs_on_disk, strays = scan_packs(root)
         for stray in strays:
             self.info(f"unexpected file {stray} (not a pack; ignored)")
@@ -134,7 +139,6 @@ class _Checker:
         # index files: pack id -> entries (all files; duplicates kept)
         indexed: dict[str, dict[tuple[bytes, int], PackEntry]] = {}
         chunk_bytes: dict[bytes, int] = {}
-        index_files = list_index_files(root)
         counts["index_files"] = len(index_files)
         for file_id in index_files:
             try:
@@ -168,7 +172,7 @@ class _Checker:
             self.info(f"temp file {TMP_DIR}/{name}: {LEFTOVER}")
         counts["tmp_files"] = len(temps)
 
-        referenced = self.check_manifests(set(chunk_bytes))
+        referenced = self.check_manifests(manifests, set(chunk_bytes))
         unreferenced = set(chunk_bytes) - referenced
         counts["chunks_referenced"] = len(referenced & set(chunk_bytes))
         counts["chunks_unreferenced"] = len(unreferenced)
@@ -222,10 +226,9 @@ class _Checker:
         if bad > MAX_ERRORS_PER_ITEM:
             self.error(f"pack {pack_id}: {bad - MAX_ERRORS_PER_ITEM} more index mismatches")
 
-    def check_manifests(self, known: set[bytes]) -> set[bytes]:
+    def check_manifests(self, names: list[str], known: set[bytes]) -> set[bytes]:
         root = self.repo.path
         referenced: set[bytes] = set()
-        names = manifest_names(root)
         self.report.counts["manifests"] = len(names)
         for entry in list_dir(root / MANIFESTS_DIR):
             if entry.name not in names:
@@ -233,6 +236,9 @@ class _Checker:
         for rp_id in names:
             try:
                 m = read_manifest(root, self.repo._crypto, rp_id)
+            except FileNotFoundError:
+                self.info(f"recovery point {rp_id} was deleted while check ran")
+                continue
             except VmvaultError as exc:
                 self.error(exc.message)
                 continue

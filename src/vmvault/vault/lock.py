@@ -1,7 +1,7 @@
 """Repository locks: shared or exclusive, between threads and processes of one host.
 
-Operations that only add to the vault or read it (backup, restore, delete_manifest,
-check) take a *shared* lock; operations that delete data other operations may use
+Operations that read, add files or remove a manifest (backup, restore, delete_manifest,
+check) take a *shared* lock; operations that delete data other operations may be using
 (prune, rebuild_index) take an *exclusive* one. The protocol (docs/vault-format.md §12):
 
 * Mutual exclusion is ``flock(2)`` on ``locks/flock``, an empty file created on first
