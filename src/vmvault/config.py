@@ -166,7 +166,7 @@ def _setting(default: float, env: str, doc: str) -> Any:
 @dataclass(frozen=True)
 class ServiceSettings:
     """The scheduler's and the jobs' limits, each set by an environment variable of the server
-    (listed by `vmvault backup troubleshoot --settings` and in docs/errors.md)."""
+    (listed in docs/errors.md, which is generated from these fields)."""
 
     transfer_retries: float = _setting(
         3, "VMVAULT_TRANSFER_RETRIES", "retries of a transient transfer failure (B9, B10)")

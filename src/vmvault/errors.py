@@ -550,6 +550,21 @@ def catalog_markdown() -> str:
         "| --- | --- | --- |",
     ]
     lines += [f"| {n.row} | {n.situation} | {n.reason} |" for n in NOT_APPLICABLE]
+    lines += [
+        "",
+        "## Server settings behind some of these errors",
+        "",
+        "Environment variables of the server (`vmvault up` passes its environment on).",
+        "",
+        "| Variable | Default | Meaning |",
+        "| --- | ---: | --- |",
+    ]
+    from dataclasses import fields
+
+    from vmvault.config import ServiceSettings
+
+    lines += [f"| `{f.metadata['env']}` | {f.default:g} | {f.metadata['doc']} |"
+              for f in fields(ServiceSettings)]
     return "\n".join(lines) + "\n"
 
 

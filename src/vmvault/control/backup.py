@@ -252,7 +252,7 @@ def _transfer(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: str,
             raise error
         attempt += 1
         delay = settings.retry_backoff_seconds * 2 ** (attempt - 1)
-        log.warning("job %s: transfer attempt %d failed (%s); retrying in %.0f s",
+        log.warning("job %s: transfer attempt %d failed (%s); retrying in %g s",
                     handle.job_id, attempt, error, delay)
         handle.set_result(**{"Transfer Retries": str(attempt),
                              f"Transfer Attempt {attempt}": f"({error.code}) {error.message}"})

@@ -69,6 +69,7 @@ class CancelState:
         self.accepted = False
         self.committing: str | None = None  # why the job can no longer be cancelled
         self.step = "queued"
+        self.started: float | None = None  # time.monotonic() when a worker took it
 
 
 def get(s: Session, vault: Vault, job_id: str) -> Job:
@@ -228,6 +229,7 @@ class JobRunner:
                 cancel.step = "ended"
                 return self._forget(job_id, cancel)
             cancel.step = "starting"
+            cancel.started = time.monotonic()
         try:
             status = work(handle) or "Completed"
             handle.finish(status)
@@ -249,6 +251,26 @@ class JobRunner:
             self._cancel.pop(job_id, None)
         with cancel.cond:
             cancel.cond.notify_all()
+
+    def warn_long_running(self, backup_limit_s: float, restore_limit_s: float) -> None:
+        """Backups running longer than their limit (12 h by default) and restores longer than
+        theirs (6 h) get the best-practice warning, once; the job goes on and ends
+        CompletedWithWarnings. Real time is measured, not the service clock."""
+        now = time.monotonic()
+        with self._lock:
+            ages = {job_id: now - c.started for job_id, c in self._cancel.items()
+                    if c.started is not None}
+        if not ages:
+            return
+        with self.ctx.catalog.session() as s:
+            for job in s.scalars(select(Job).where(Job.job_id.in_(ages),
+                                                   Job.operation.in_(CANCELLABLE))):
+                entry, limit = ((BACKUP_TOO_LONG, backup_limit_s) if job.operation == "Backup"
+                                else (RESTORE_TOO_LONG, restore_limit_s))
+                if ages[job.job_id] > limit:
+                    add_warning(job, VmvaultError(entry, name=job.entity_friendly_name,
+                                                  elapsed=_hours(ages[job.job_id]),
+                                                  limit=_hours(limit)))
 
     def stop(self, job_id: str, wait_seconds: float) -> None:
         """Ask a running job to stop and wait until it has (rows J1-J4)."""
@@ -302,30 +324,14 @@ class JobRunner:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def warn_long_running(ctx: Context, backup_limit_s: float, restore_limit_s: float) -> None:
-    """Backups past their limit (12 h by default) and restores past theirs (6 h) get the
-    best-practice warning, once; the job goes on and ends CompletedWithWarnings."""
-    now = utcnow()
-    with ctx.catalog.session() as s:
-        rows = s.scalars(select(Job).where(Job.status == "InProgress",
-                                           Job.operation.in_(("Backup", "Restore")))).all()
-        for job in rows:
-            entry, limit = ((BACKUP_TOO_LONG, backup_limit_s) if job.operation == "Backup"
-                            else (RESTORE_TOO_LONG, restore_limit_s))
-            elapsed = (now - job.start_time).total_seconds()
-            if elapsed > limit:
-                add_warning(job, VmvaultError(entry, name=job.entity_friendly_name,
-                                              elapsed=_hours(elapsed), limit=_hours(limit)))
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
 def add_warning(job: Job, warning: VmvaultError) -> None:
     """Record a warning on a job once (by code): the job ends CompletedWithWarnings."""
     if not any(e["code"] == warning.code for e in job.error_details):
         job.error_details = [*job.error_details, {**warning.to_dict(), "warning": True}]
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
 def fail_orphans(ctx: Context, cleanup: Callable[[Session, Job], None],

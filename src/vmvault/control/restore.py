@@ -20,6 +20,7 @@ from vmvault.catalog import Job, StorageAccount
 from vmvault.context import Context
 from vmvault.control import jobs, protection, vaults
 from vmvault.errors import (
+    KEY_NOT_AVAILABLE,
     RESTORE_FAILED,
     STORAGE_ACCOUNT_FULL,
     STORAGE_ACCOUNT_NOT_ONLINE,
@@ -148,8 +149,8 @@ def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
         ctx.store.delete_container(account, container)  # no half-restored disks left behind
         raise
     except VmvaultError as exc:
-        if exc.code.startswith("UserErrorVault"):
-            raise
+        if exc.code.startswith("UserErrorVault") or exc.code == KEY_NOT_AVAILABLE.code:
+            raise  # the vault's own rows (B13 among them) say what to do better
         raise VmvaultError(RESTORE_FAILED, reason=exc.message) from exc
     except OSError as exc:
         raise VmvaultError(RESTORE_FAILED, reason=str(exc)) from exc

@@ -91,8 +91,8 @@ class Scheduler:
     def tick(self) -> list[str]:
         """Create the jobs of the slots due now; returns their ids."""
         settings = self.ctx.service
-        jobs.warn_long_running(self.ctx, settings.backup_warn_seconds,
-                               settings.restore_warn_seconds)
+        self.runner.warn_long_running(settings.backup_warn_seconds,
+                                      settings.restore_warn_seconds)
         now = utcnow()
         try:
             with self.ctx.catalog.session() as s:
