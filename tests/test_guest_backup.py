@@ -258,6 +258,38 @@ def test_b2_agent_stopped(gstack: Stack, names: dict[str, str]) -> None:
     assert again["properties"]["status"] == "Completed", again["properties"]["errorDetails"]
 
 
+def test_s2_guest_shut_down_from_inside_is_stopped_and_still_backed_up(
+        gstack: Stack, names: dict[str, str]) -> None:
+    n = names
+    ready_vm(gstack, n)
+    root = guest_root(gstack, n)
+    (root / "run/systemd/shutdown").mkdir(parents=True, exist_ok=True)
+    (root / "run/systemd/shutdown/scheduled").write_text("USEC=0\nMODE=poweroff\n")
+    os.kill(agent_pid(gstack, n), signal.SIGTERM)  # what 'shutdown -h now' does to services
+
+    def state() -> str:
+        return str(gstack.json("vm", "show", "-g", n["rg"], "-n", n["vm"])["powerState"])
+    deadline = time.monotonic() + 30
+    while state() != "VM stopped":
+        assert time.monotonic() < deadline, state()
+        time.sleep(0.3)
+    (root / "run/systemd/shutdown/scheduled").unlink()
+    done = backup(gstack, n)  # a stopped VM is snapshotted by the host: no agent needed
+    assert done["properties"]["status"] == "Completed", done["properties"]["errorDetails"]
+    assert done["properties"]["extendedInfo"]["propertyBag"]["Consistency"] == "CrashConsistent"
+    gstack.run("vm", "start", "-g", n["rg"], "-n", n["vm"])
+    wait_agent_ready(gstack, n)
+
+
+def test_s2_an_agent_stopped_without_a_shutdown_leaves_the_vm_running(
+        gstack: Stack, names: dict[str, str]) -> None:
+    n = names
+    ready_vm(gstack, n)
+    os.kill(agent_pid(gstack, n), signal.SIGTERM)  # 'systemctl stop waagent': not a shutdown
+    time.sleep(3)
+    assert gstack.json("vm", "show", "-g", n["rg"], "-n", n["vm"])["powerState"] == "VM running"
+
+
 def test_b5_agent_hangs(gstack: Stack, names: dict[str, str]) -> None:
     n = names
     ready_vm(gstack, n)

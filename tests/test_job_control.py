@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -374,15 +375,26 @@ def test_cancel_backup_mid_transfer_keeps_nothing(jstack: Stack, big: dict[str, 
 @needs_root()
 def test_cancel_restore_mid_transfer_leaves_no_container(jstack: Stack,
                                                          big: dict[str, Any]) -> None:
+    """The OS disk is restored, the data disk's blob is being created (slow storage) when the
+    stop comes: the job stops at its next checkpoint and removes what it restored."""
     s, n = jstack, big["n"]
     rp = a_recovery_point(s, n)
     svc = blob_service(s, n["rg"], n["restore_sa"])
     job = restore_job(s, n, rp, "Vault")
     container = f"vmvault-restore-{job['name'][:8]}"
-    poll(lambda: svc.get_container_client(container).exists(), "the restore's container")
-    poll_job(s, n, job["name"], lambda p: task(p, "Transfer data")["status"] == "InProgress",
-             "the restore to start")
-    out = stop(s, n, job["name"]).json()["properties"]
+    with storage_stalls(s, n["restore_sa"], container, f"{n['vm']}-datadisk-0-{rp}.vhd"):
+        poll_job(s, n, job["name"], lambda p: task(p, "Transfer data")["progressPercentage"]
+                 >= 33, "the OS disk (1 GiB of 3) to be restored")
+        blobs = [b.name for b in svc.get_container_client(container).list_blobs()]
+        assert blobs == [f"{n['vm']}-osdisk-{rp}.vhd"], blobs
+        stopper = subprocess.Popen(
+            [sys.executable, "-m", "vmvault.cli.main", "backup", "job", "stop", "-g", n["rg"],
+             "-v", n["vault"], "-n", job["name"], "-o", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=s.env)
+        time.sleep(1.0)  # the stop is asked for while the storage stalls
+    stdout, stderr = stopper.communicate(timeout=60)
+    assert stopper.returncode == 0, stderr
+    out = json.loads(stdout)["properties"]
     assert out["status"] == "Cancelled", out
     assert error_codes(out) == ["JobCancelledByUser"]
     assert "Transfer data" in out["errorDetails"][0]["errorString"]
@@ -622,7 +634,7 @@ def test_busy_vault_is_retried_until_its_lock_is_released(lock_stack: Stack,
 def test_long_backup_and_restore_end_with_warnings(warn_stack: Stack,
                                                    names: dict[str, str]) -> None:
     s, n = warn_stack, names
-    vm = big_vm(s, n, 1024)
+    vm = big_vm(s, n, 768, disk_gb="1")
     job = backup(s, n)
     props = job["properties"]
     assert seconds(props["duration"]) > 2, props["duration"]

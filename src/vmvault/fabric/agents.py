@@ -352,6 +352,12 @@ def report_status(ctx: Context, vm_id: str, body: dict[str, Any]) -> None:
         handlers = body.get("handlers")
         agent.handlers = handlers if isinstance(handlers, list) else []
         extensions.apply_handler_reports(s, vm, agent.handlers)
+        shut_down = agent.status == "ShuttingDown" and vm.power_state == "running"
+        vm_pk = vm.id
+    if shut_down:  # row S2: stopped from inside the guest; the guest's word wins
+        from vmvault.fabric import vms
+
+        threading.Thread(target=vms.stopped_by_guest, args=(ctx, vm_pk), daemon=True).start()
     notify_goal_state()
 
 

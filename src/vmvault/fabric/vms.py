@@ -254,6 +254,18 @@ def _finish_power_off(ctx: Context, vm_pk: int, deallocate: bool) -> None:
         vm.power_state = final
 
 
+def stopped_by_guest(ctx: Context, vm_pk: int) -> None:
+    """The guest shut itself down (its agent said so, row S2): the VM is stopped, as if
+    'vm stop' had run, once the agent has gone."""
+    with ctx.catalog.session() as s:
+        vm = s.get_one(VirtualMachine, vm_pk)
+        if vm.power_state != "running":  # a stop the service started itself
+            return
+        log.info("VM %s was shut down from inside the guest", vm.name)
+        vm.power_state = "stopping"
+    _finish_power_off(ctx, vm_pk, deallocate=False)
+
+
 def delete(ctx: Context, group: str, name: str) -> None:
     with ctx.catalog.session() as s:
         vm = get(s, group, name)

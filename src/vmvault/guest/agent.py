@@ -511,18 +511,18 @@ class Agent:
 
     # status
 
-    def status_document(self) -> dict[str, Any]:
+    def status_document(self, status: str = "Ready") -> dict[str, Any]:
         with self._lock:
             records = list(self.state.handlers.values())
-        return {"agentName": AGENT_NAME, "agentVersion": __version__, "status": "Ready",
+        return {"agentName": AGENT_NAME, "agentVersion": __version__, "status": status,
                 "message": self.message,
                 "timestampUTC": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "load": dict(self.meter.latest),
                 "handlers": [handlers.handler_report(self.ctx, r) for r in records]}
 
-    def post_status(self) -> bool:
+    def post_status(self, status: str = "Ready") -> bool:
         with self._post_lock:
-            body = json.dumps(self.status_document()).encode()
+            body = json.dumps(self.status_document(status)).encode()
             try:
                 resp = self.client.signed("POST", "/vmvault/agent/status", body)
             except ServerError as exc:
@@ -606,6 +606,15 @@ def _is_agent(pid: int) -> bool:
     return b"vmvault-agent" in cmdline or b"vmvault.guest.agent" in cmdline
 
 
+SHUTDOWN_MARKS = ("run/systemd/shutdown/scheduled", "run/nologin")
+
+
+def guest_shutting_down(root: Path) -> bool:
+    """What systemd leaves while the system goes down: a scheduled shutdown, or logins
+    refused (pam_nologin's file, created by systemd-user-sessions at shutdown)."""
+    return any((root / mark).exists() for mark in SHUTDOWN_MARKS)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=AGENT_NAME,
                                      description="The vmvault VM agent (waagent for vmvault).")
@@ -658,6 +667,9 @@ def _serve(root: Path, config: AgentConfig) -> int:
             code = 1
     if agent.busy.is_set():  # let it kill a running command and save its state
         worker.join(STOP_GRACE_SECONDS)
+    if guest_shutting_down(root):  # row S2: the service learns it from the guest itself
+        log.info("The guest is shutting down: reporting it")
+        agent.post_status("ShuttingDown")
     pid_file.unlink(missing_ok=True)
     log.info("%s stopped", AGENT_NAME)
     return code
