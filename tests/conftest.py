@@ -76,6 +76,9 @@ def make_stack(home: Path, **extra_env: str) -> Stack:
     # A lab guest's CPU is this machine's, which the test run keeps busy: the load limit (row
     # S4) is off unless a test sets it (tests/test_guest_backup.py::test_s4_busy_guest).
     env["VMVAULT_GUEST_LOAD_LIMIT"] = "101"
+    # Policies do not fire in test stacks (DefaultPolicy runs at 20:30 UTC, which a test run
+    # may cross), except where a test asks for the scheduler (tests/test_scheduler.py).
+    env["VMVAULT_SCHEDULE_POLICIES"] = "0"
     env.update(extra_env)
     env.pop("VMVAULT_API_URL", None)
     stack = Stack(home, env)

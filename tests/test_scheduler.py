@@ -98,7 +98,7 @@ def codes(job: dict[str, Any]) -> list[str]:
 @pytest.fixture(scope="module")
 def clock_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = make_stack(tmp_path_factory.mktemp("vmvault-clock"), VMVAULT_SIMULATED_CLOCK="1",
-                   VMVAULT_RETENTION_SECONDS="1")
+                   VMVAULT_RETENTION_SECONDS="1", VMVAULT_SCHEDULE_POLICIES="1")
     yield s
     s.run("down", ok=False)
 

@@ -180,6 +180,8 @@ class ServiceSettings:
         21600, "VMVAULT_RESTORE_WARN_SECONDS", "a restore running longer gets a warning")
     cancel_wait_seconds: float = _setting(
         30, "VMVAULT_CANCEL_WAIT_SECONDS", "how long 'job stop' waits for a checkpoint (J4)")
+    schedule_policies: float = _setting(
+        1, "VMVAULT_SCHEDULE_POLICIES", "1: policies fire at their times; 0: on-demand only")
     scheduler_tick_seconds: float = _setting(
         1, "VMVAULT_SCHEDULER_TICK_SECONDS", "how often the scheduler looks at the clock")
     late_seconds: float = _setting(

@@ -127,10 +127,6 @@ class JobHandle:
             self.cancel.committing = what
             self.cancel.cond.notify_all()
 
-    def warn(self, warning: VmvaultError) -> None:
-        """Record a warning once (by code): the job ends CompletedWithWarnings."""
-        self._update(lambda job: add_warning(job, warning))
-
     def _update(self, change: Callable[[Job], None]) -> None:
         with self.ctx.catalog.session() as s:
             job = s.scalar(select(Job).where(Job.job_id == self.job_id))
@@ -215,10 +211,6 @@ class JobRunner:
         with self._lock:
             self._cancel[job_id] = CancelState()
         self._pool.submit(self._run, job_id, work)
-
-    def running(self) -> list[str]:
-        with self._lock:
-            return list(self._cancel)
 
     def _run(self, job_id: str, work: Callable[[JobHandle], str | None]) -> None:
         with self._lock:

@@ -93,6 +93,8 @@ class Scheduler:
         settings = self.ctx.service
         self.runner.warn_long_running(settings.backup_warn_seconds,
                                       settings.restore_warn_seconds)
+        if not settings.schedule_policies:
+            return []
         now = utcnow()
         try:
             with self.ctx.catalog.session() as s:
