@@ -42,6 +42,8 @@ class Stack:
     api_url: str = ""
 
     def run(self, *args: str, ok: bool = True, timeout: float = 300) -> Result:
+        if args and args[0] in ("up", "down"):
+            self.api_url = ""  # a restarted server may listen on another port
         proc = subprocess.run([sys.executable, "-m", "vmvault.cli.main", *args],
                               capture_output=True, text=True, env=self.env, timeout=timeout,
                               check=False)

@@ -4,7 +4,11 @@ failures (B9, a busy vault), B13 (the vault's key file gone), B4 (a premium acco
 for its disks' data), the long-running warnings, and `backup troubleshoot`.
 
 Each group of tests that needs other server settings has a stack of its own (module-scoped):
-a stack starts in about two seconds.
+a stack starts in about two seconds. Everything goes through the CLI (and the Blob REST API
+for what is in storage) except two stand-ins for the world around the service: another
+process holding the vault's exclusive lock (as a prune does) and slow storage (another writer
+holding a blob's lock in the pool); they make the rows that depend on timing (J2, a busy
+vault, a stop during a restore) happen every time.
 """
 
 from __future__ import annotations
@@ -238,19 +242,44 @@ def disk_snapshots(s: Stack, n: dict[str, str], vm: dict[str, Any]) -> list[tupl
                   for b in cc.list_blobs(include=["snapshots", "metadata"]) if b.snapshot)
 
 
-@contextlib.contextmanager
-def storage_stalls(s: Stack, account: str, container: str, blob: str) -> Iterator[None]:
+def stall_blob(pool: Path, account: str, container: str, blob: str) -> int:
     """Slow storage, on demand: once the container exists, another writer holds the blob's
     lock in the pool (the lock the Blob endpoint and the control plane share), so nobody can
-    write that blob until the block ends."""
-    meta = Path(s.status()["pool"]["path"]) / account / container / ".meta"
+    write that blob until the returned descriptor is closed."""
+    meta = pool / account / container / ".meta"
     poll(meta.is_dir, f"container {container}", every=0.01)
     fd = os.open(meta / f"{blob_key(blob)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from vmvault.vault import Repository
+    repo = Repository.open(Path(sys.argv[1]), key_file=Path(sys.argv[2]))
+    with repo.lock(exclusive=True, operation="prune (maintenance)"):
+        print("locked", flush=True)
+        sys.stdin.readline()
+""")
+
+
+@contextlib.contextmanager
+def vault_held(s: Stack, n: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds the vault's exclusive lock (as a prune does) until the block
+    ends."""
+    vault = s.json("backup", "vault", "show", "-g", n["rg"], "-n", n["vault"])["properties"]
+    key = s.home / "keys" / f"{vault['vaultId']}.key"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, vault["repositoryPath"], str(key)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=s.env)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
     finally:
-        os.close(fd)  # the storage catches up
+        if holder.stdin is not None:
+            holder.stdin.close()  # the maintenance ends: the lock is released
+        holder.wait(timeout=30)
 
 
 def restore_job(s: Stack, n: dict[str, str], rp: str, source: str) -> dict[str, Any]:
@@ -345,6 +374,8 @@ def test_cancel_backup_mid_transfer_keeps_nothing(jstack: Stack, big: dict[str, 
     assert task(out, "Transfer data to vault")["status"] == "Cancelled"
     assert out["endTime"] is not None
     assert show(s, n, job["name"])["status"] == "Cancelled"
+    assert_cli_error(stop(s, n, job["name"], ok=False), "UserErrorJobNotInProgress",
+                     "this job is Cancelled")  # J3: stopped already
     cancelled = s.json("backup", "job", "list", "-g", n["rg"], "-v", n["vault"], "--status",
                        "Cancelled")
     assert [j["name"] for j in cancelled] == [job["name"]]
@@ -375,23 +406,23 @@ def test_cancel_backup_mid_transfer_keeps_nothing(jstack: Stack, big: dict[str, 
 @needs_root()
 def test_cancel_restore_mid_transfer_leaves_no_container(jstack: Stack,
                                                          big: dict[str, Any]) -> None:
-    """The OS disk is restored, the data disk's blob is being created (slow storage) when the
-    stop comes: the job stops at its next checkpoint and removes what it restored."""
+    """The restore has created its container and its first disk's blob, and waits for the
+    vault (a prune holds it) when the stop comes: the job stops at its next checkpoint and
+    removes what it wrote."""
     s, n = jstack, big["n"]
     rp = a_recovery_point(s, n)
     svc = blob_service(s, n["rg"], n["restore_sa"])
-    job = restore_job(s, n, rp, "Vault")
-    container = f"vmvault-restore-{job['name'][:8]}"
-    with storage_stalls(s, n["restore_sa"], container, f"{n['vm']}-datadisk-0-{rp}.vhd"):
-        poll_job(s, n, job["name"], lambda p: task(p, "Transfer data")["progressPercentage"]
-                 >= 33, "the OS disk (1 GiB of 3) to be restored")
-        blobs = [b.name for b in svc.get_container_client(container).list_blobs()]
-        assert blobs == [f"{n['vm']}-osdisk-{rp}.vhd"], blobs
+    with vault_held(s, n):
+        job = restore_job(s, n, rp, "Vault")
+        cc = svc.get_container_client(f"vmvault-restore-{job['name'][:8]}")
+        poll(lambda: cc.exists() and [b.name for b in cc.list_blobs()], "the first disk's blob")
+        assert [b.name for b in cc.list_blobs()] == [f"{n['vm']}-osdisk-{rp}.vhd"]
         stopper = subprocess.Popen(
             [sys.executable, "-m", "vmvault.cli.main", "backup", "job", "stop", "-g", n["rg"],
              "-v", n["vault"], "-n", job["name"], "-o", "json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=s.env)
-        time.sleep(1.0)  # the stop is asked for while the storage stalls
+        time.sleep(1.0)  # the stop is asked for while the restore waits for the vault
+        assert job_now(s, n, job["name"])["status"] == "InProgress"
     stdout, stderr = stopper.communicate(timeout=60)
     assert stopper.returncode == 0, stderr
     out = json.loads(stdout)["properties"]
@@ -402,8 +433,8 @@ def test_cancel_restore_mid_transfer_leaves_no_container(jstack: Stack,
     assert task(out, "Transfer data")["progressPercentage"] < 100
     assert "Restored Disks" not in bag(out)
     # no half-restored disks left behind: the container is gone, with its blobs
-    assert container not in [c.name for c in svc.list_containers()]
-    assert not svc.get_container_client(container).exists()
+    assert cc.container_name not in [c.name for c in svc.list_containers()]
+    assert not cc.exists()
     # the recovery point is untouched: the restore runs again and completes
     again = s.wait(n["rg"], n["vault"], restore_job(s, n, rp, "Snapshot")["name"])
     assert again["properties"]["status"] == "Completed"
@@ -412,12 +443,16 @@ def test_cancel_restore_mid_transfer_leaves_no_container(jstack: Stack,
 @needs_root()
 def test_stop_while_a_restore_commits_is_refused_j2(jstack: Stack, big: dict[str, Any]) -> None:
     """J2 for real: the restore has written its disks and committed to finishing (it writes
-    the restored VM's configuration blob), and the storage is slow to take that blob."""
+    the restored VM's configuration blob), and the storage is slow to take that blob. The
+    restore is held at its start by a busy vault until the stall is in place."""
     s, n = jstack, big["n"]
     rp = a_recovery_point(s, n)
-    job = restore_job(s, n, rp, "Vault")
-    container = f"vmvault-restore-{job['name'][:8]}"
-    with storage_stalls(s, n["restore_sa"], container, "vmconfig.json"):
+    pool = Path(s.status()["pool"]["path"])
+    with vault_held(s, n):  # the job starts and waits for the vault
+        job = restore_job(s, n, rp, "Vault")
+        container = f"vmvault-restore-{job['name'][:8]}"
+        stall = stall_blob(pool, n["restore_sa"], container, "vmconfig.json")
+    try:  # the vault is free: the disks are written, then the configuration blob stalls
         poll_job(s, n, job["name"], lambda p: task(p, "Transfer data")["progressPercentage"]
                  == 100, "the restore's disks to be written")
         time.sleep(0.3)  # from the last disk to the commit: a few instructions
@@ -427,6 +462,8 @@ def test_stop_while_a_restore_commits_is_refused_j2(jstack: Stack, big: dict[str
                          "writing the restored VM's configuration",
                          "Recommended action: Wait until the job completes.")
         assert job_now(s, n, job["name"])["status"] == "InProgress"
+    finally:
+        os.close(stall)  # the storage catches up
     done = s.wait(n["rg"], n["vault"], job["name"])["properties"]
     assert done["status"] == "Completed", done["errorDetails"]
     assert done["errorDetails"] is None
@@ -583,30 +620,13 @@ def test_b9_transfer_timeout_retried_then_failed(retry_stack: Stack,
     assert item(s, n)["lastBackupStatus"] == "Failed"
 
 
-HOLDER = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    from vmvault.vault import Repository
-    repo = Repository.open(Path(sys.argv[1]), key_file=Path(sys.argv[2]))
-    with repo.lock(exclusive=True, operation="prune (maintenance)"):
-        print("locked", flush=True)
-        sys.stdin.readline()
-""")
-
-
 @needs_root()
 def test_busy_vault_is_retried_until_its_lock_is_released(lock_stack: Stack,
                                                           names: dict[str, str]) -> None:
     s, n = lock_stack, names
     make_vm(s, n)
     protect(s, n)
-    vault = s.json("backup", "vault", "show", "-g", n["rg"], "-n", n["vault"])["properties"]
-    key = s.home / "keys" / f"{vault['vaultId']}.key"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, vault["repositoryPath"], str(key)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=s.env)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with vault_held(s, n) as holder:
         job = s.json("backup", "protection", "backup-now", *item_args(n))
         waiting = poll_job(s, n, job["name"], lambda p: "Transfer Retries" in bag(p),
                            "a retry of the transfer", timeout=30)
@@ -614,10 +634,6 @@ def test_busy_vault_is_retried_until_its_lock_is_released(lock_stack: Stack,
         assert first.startswith("(UserErrorVaultLocked) The vault at"), first
         assert f"process {holder.pid} on host" in first and "exclusive" in first, first
         assert "prune (maintenance)" in first, first
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.close()  # the maintenance ends: the lock is released
-        holder.wait(timeout=30)
     done = s.wait(n["rg"], n["vault"], job["name"])["properties"]
     assert done["status"] == "Completed", done["errorDetails"]
     assert done["errorDetails"] is None
@@ -626,6 +642,31 @@ def test_busy_vault_is_retried_until_its_lock_is_released(lock_stack: Stack,
     assert "(UserErrorVaultLocked)" in info["Transfer Attempt 1"]
     assert rp_names(s, n) == [info["Recovery Point Name"]]
     assert vault_check(s, n)["ok"] is True
+
+
+@needs_root()
+def test_stop_a_backup_that_waits_for_a_busy_vault(lock_stack: Stack,
+                                                   names: dict[str, str]) -> None:
+    """No checkpoint while the transfer waits for the vault's lock: the stop is taken at the
+    wait before the next retry, and the snapshot is not kept."""
+    s, n = lock_stack, names
+    vm = make_vm(s, n)
+    protect(s, n)
+    with vault_held(s, n):
+        job = s.json("backup", "protection", "backup-now", *item_args(n))
+        poll_job(s, n, job["name"], lambda p: "Transfer Retries" in bag(p),
+                 "a retry of the transfer", timeout=30)
+        out = stop(s, n, job["name"]).json()["properties"]  # waits up to 30 s by default
+        assert out["status"] == "Cancelled", out
+    assert error_codes(out) == ["JobCancelledByUser"]
+    assert "(waiting to retry the transfer)" in out["errorDetails"][0]["errorString"]
+    assert task(out, "Transfer data to vault")["status"] == "Cancelled"
+    assert "(UserErrorVaultLocked)" in bag(out)["Transfer Attempt 1"]
+    assert rp_names(s, n) == []
+    assert not [x for x in disk_snapshots(s, n, vm) if x[2] == job["name"]]
+    assert item(s, n)["lastBackupStatus"] == "Cancelled"
+    check = vault_check(s, n)
+    assert check["ok"] is True and check["counts"]["manifests"] == 0, check
 
 
 # --- long-running warnings -----------------------------------------------------------------------
@@ -651,10 +692,9 @@ def test_long_backup_and_restore_end_with_warnings(warn_stack: Stack,
                     "CompletedWithWarnings")
     assert [j["name"] for j in listed] == [job["name"]]
 
-    # A restore from the vault whose target storage is slow to take its last blob: 2 s.
-    job = restore_job(s, n, rp, "Vault")
-    with storage_stalls(s, n["restore_sa"], f"vmvault-restore-{job['name'][:8]}",
-                        "vmconfig.json"):
+    # A restore from the vault that waits 2 s for a prune to let go of the vault.
+    with vault_held(s, n):
+        job = restore_job(s, n, rp, "Vault")
         time.sleep(2)
     slow = s.wait(n["rg"], n["vault"], job["name"])["properties"]
     assert seconds(slow["duration"]) > 2, slow["duration"]

@@ -58,6 +58,22 @@ def add_vm(s: Stack, n: dict[str, str], vm: str) -> None:
     wait_agent_ready(s, {**n, "vm": vm})
 
 
+def start_protected(s: Stack, n: dict[str, str], tmp: Path, start: str, policy: str,
+                    body: dict[str, Any], vms: int = 1) -> list[str]:
+    """At `start` on the clock: `vms` VMs in one group, a vault, a policy protecting them."""
+    set_clock(s, start)
+    names = [n["vm"]] + [f"{n['vm']}-{i}" for i in range(1, vms)]
+    make_vm(s, n)
+    for vm in names[1:]:
+        add_vm(s, n, vm)
+    s.run("backup", "vault", "create", "-g", n["rg"], "-n", n["vault"], "-l", n["loc"])
+    create_policy(s, n, policy, body, tmp)
+    for vm in names:
+        s.run("backup", "protection", "enable-for-vm", "-g", n["rg"], "-v", n["vault"], "--vm",
+              vm, "--policy-name", policy)
+    return names
+
+
 def set_clock(s: Stack, when: str) -> None:
     s.run("clock", "set", "--time", when)
 
@@ -110,7 +126,9 @@ def quiet(clock_stack: Stack) -> Iterator[list[dict[str, str]]]:
     used: list[dict[str, str]] = []
     yield used
     for n in used:
-        for item in clock_stack.json("backup", "item", "list", "-g", n["rg"], "-v", n["vault"]):
+        listed = clock_stack.run("backup", "item", "list", "-g", n["rg"], "-v", n["vault"],
+                                 "-o", "json", ok=False)
+        for item in json.loads(listed.out) if listed.code == 0 else []:
             if item["properties"]["protectionState"] != "ProtectionStopped":
                 name = item["properties"]["friendlyName"]
                 clock_stack.run("backup", "protection", "disable", "-g", n["rg"], "-v",
@@ -189,12 +207,8 @@ def test_policy_fires_at_its_local_time_across_dst_once_per_slot_and_catches_up(
         quiet: list[dict[str, str]]) -> None:
     s, n = clock_stack, names
     quiet.append(n)
-    set_clock(s, "2027-03-12T12:00:00Z")
-    make_vm(s, n)
-    s.run("backup", "vault", "create", "-g", n["rg"], "-n", n["vault"], "-l", n["loc"])
-    create_policy(s, n, "Pacific0230", policy_json("02:30", ZONE_PST), tmp_path)
-    s.run("backup", "protection", "enable-for-vm", "-g", n["rg"], "-v", n["vault"], "--vm",
-          n["vm"], "--policy-name", "Pacific0230")
+    start_protected(s, n, tmp_path, "2027-03-12T12:00:00Z", "Pacific0230",
+                    policy_json("02:30", ZONE_PST))
     # 02:30 PST is 10:30 UTC; on 14 March 2027 02:30 does not exist (clocks go 02:00 -> 03:00)
     # and the slot is 03:30 PDT, still 10:30 UTC; from then on 02:30 PDT is 09:30 UTC.
     expected = ["2027-03-13T10:30:00Z", "2027-03-14T10:30:00Z", "2027-03-15T09:30:00Z"]
@@ -235,16 +249,7 @@ def test_more_than_five_backups_of_a_group_at_once_are_queued_with_a_warning(
         quiet: list[dict[str, str]]) -> None:
     s, n = clock_stack, names
     quiet.append(n)
-    set_clock(s, "2027-05-01T06:00:00Z")
-    vms = [n["vm"]] + [f"{n['vm']}-{i}" for i in range(1, 6)]
-    make_vm(s, n)
-    for vm in vms[1:]:
-        add_vm(s, n, vm)
-    s.run("backup", "vault", "create", "-g", n["rg"], "-n", n["vault"], "-l", n["loc"])
-    create_policy(s, n, "Seven", policy_json("07:00"), tmp_path)
-    for vm in vms:
-        s.run("backup", "protection", "enable-for-vm", "-g", n["rg"], "-v", n["vault"], "--vm",
-              vm, "--policy-name", "Seven")
+    start_protected(s, n, tmp_path, "2027-05-01T06:00:00Z", "Seven", policy_json("07:00"), 6)
     set_clock(s, "2027-05-01T06:59:58Z")
     done = settled(s, n, 6, timeout=240)
     assert len(done) == 6
@@ -263,12 +268,7 @@ def test_deleted_vm_fails_its_scheduled_backup_then_a_recreated_one_is_protected
         quiet: list[dict[str, str]]) -> None:
     s, n = clock_stack, names
     quiet.append(n)
-    set_clock(s, "2027-06-01T06:00:00Z")
-    make_vm(s, n)
-    s.run("backup", "vault", "create", "-g", n["rg"], "-n", n["vault"], "-l", n["loc"])
-    create_policy(s, n, "Eight", policy_json("08:00"), tmp_path)
-    s.run("backup", "protection", "enable-for-vm", "-g", n["rg"], "-v", n["vault"], "--vm",
-          n["vm"], "--policy-name", "Eight")
+    start_protected(s, n, tmp_path, "2027-06-01T06:00:00Z", "Eight", policy_json("08:00"))
     s.run("vm", "delete", "-g", n["rg"], "-n", n["vm"], "--yes")
     set_clock(s, "2027-06-01T07:59:58Z")
     failed = settled(s, n, 1)[0]
@@ -311,15 +311,9 @@ def test_retention_expires_points_and_gc_runs_alongside_a_backup(
         quiet: list[dict[str, str]]) -> None:
     s, n = clock_stack, names
     quiet.append(n)
-    set_clock(s, "2027-07-01T06:00:00Z")
-    make_vm(s, n)
-    other = {**n, "vm": n["vm"] + "-b"}
-    add_vm(s, n, other["vm"])
-    s.run("backup", "vault", "create", "-g", n["rg"], "-n", n["vault"], "-l", n["loc"])
-    create_policy(s, n, "Nine", policy_json("09:00", daily=7), tmp_path)
-    for vm in (n["vm"], other["vm"]):
-        s.run("backup", "protection", "enable-for-vm", "-g", n["rg"], "-v", n["vault"], "--vm",
-              vm, "--policy-name", "Nine")
+    vms = start_protected(s, n, tmp_path, "2027-07-01T06:00:00Z", "Nine",
+                          policy_json("09:00", daily=7), 2)
+    other = {**n, "vm": vms[1]}
     set_clock(s, "2027-07-01T08:59:58Z")
     settled(s, n, 2)
     scheduled = rp_names(s, n)
@@ -363,13 +357,8 @@ def test_protection_disable_resume_set_policy_and_delete_data(
         quiet: list[dict[str, str]]) -> None:
     s, n = clock_stack, names
     quiet.append(n)
-    set_clock(s, "2027-08-01T06:00:00Z")
-    make_vm(s, n)
-    s.run("backup", "vault", "create", "-g", n["rg"], "-n", n["vault"], "-l", n["loc"])
-    create_policy(s, n, "Ten", policy_json("10:00", daily=7), tmp_path)
+    start_protected(s, n, tmp_path, "2027-08-01T06:00:00Z", "Ten", policy_json("10:00", daily=7))
     create_policy(s, n, "Long", policy_json("11:00", daily=60), tmp_path)
-    s.run("backup", "protection", "enable-for-vm", "-g", n["rg"], "-v", n["vault"], "--vm",
-          n["vm"], "--policy-name", "Ten")
     set_clock(s, "2027-08-01T09:59:58Z")
     point = settled(s, n, 1)[0]
     assert point["properties"]["status"] == "Completed"

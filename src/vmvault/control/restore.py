@@ -9,6 +9,7 @@ pass the restore validations of the troubleshooting guide (rows R6, R7, R8).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from vmvault.errors import (
 )
 from vmvault.fabric import groups, storage_accounts
 from vmvault.storage import extents
+
+log = logging.getLogger(__name__)
 
 RESTORE_TASK = "Transfer data"
 RESTORE_SKUS = ("Standard_LRS", "Standard_GRS")
@@ -93,6 +96,13 @@ def restore_disks(ctx: Context, group: str, vault_name: str, container: str, ite
         return jobs.to_arm(s.scalars(select(Job).where(Job.job_id == job_id)).one())
 
 
+def _drop_container(ctx: Context, account: str, container: str) -> None:
+    try:
+        ctx.store.delete_container(account, container)
+    except VmvaultError as exc:
+        log.warning("could not remove the restore container %s/%s: %s", account, container, exc)
+
+
 def _progress(handle: jobs.JobHandle, offset: int, total: int) -> Callable[[int, int], None]:
     def report(n: int, _disk_total: int) -> None:
         handle.checkpoint(RESTORE_TASK)
@@ -145,15 +155,15 @@ def run_restore(ctx: Context, handle: jobs.JobHandle) -> str:
         ctx.store.put_block_blob(account, container, "vmconfig.json",
                                  json.dumps(config, indent=2).encode(),
                                  content_type="application/json")
-    except jobs.JobCancelled:
-        ctx.store.delete_container(account, container)  # no half-restored disks left behind
-        raise
-    except VmvaultError as exc:
+    except BaseException as exc:
+        _drop_container(ctx, account, container)  # no half-restored disks left behind
+        if isinstance(exc, jobs.JobCancelled) or not isinstance(exc, VmvaultError | OSError):
+            raise
+        if isinstance(exc, OSError):
+            raise VmvaultError(RESTORE_FAILED, reason=str(exc)) from exc
         if exc.code.startswith("UserErrorVault") or exc.code == KEY_NOT_AVAILABLE.code:
             raise  # the vault's own rows (B13 among them) say what to do better
         raise VmvaultError(RESTORE_FAILED, reason=exc.message) from exc
-    except OSError as exc:
-        raise VmvaultError(RESTORE_FAILED, reason=str(exc)) from exc
     handle.end_task(RESTORE_TASK)
     handle.set_result(**{
         "Target Storage Account Name": account,
