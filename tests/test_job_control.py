@@ -746,3 +746,36 @@ def test_troubleshoot_codes_and_rows(tmp_path: Path) -> None:
 
     r = s.run("backup", "troubleshoot", "--code", "NoSuchCode", ok=False)
     assert_cli_error(r, "ResourceNotFound", "'NoSuchCode'", exit_code=3)
+
+
+@needs_root()
+def test_b10_vault_storage_refusing_writes_is_retried_then_fails(lock_stack: Stack,
+                                                                 names: dict[str, str]) -> None:
+    """Row B10 for real: the vault's file system refuses new packs (the data folder made
+    immutable, which binds root too); each attempt fails, is retried with backoff, and the job
+    fails with BackUpOperationFailed. Writable again, the next backup works."""
+    s, n = lock_stack, names
+    make_vm(s, n)
+    protect(s, n)
+    repo = Path(s.json("backup", "vault", "show", "-g", n["rg"], "-n", n["vault"])[
+        "properties"]["repositoryPath"])
+    frozen = [d for d in (repo / "data").iterdir() if d.is_dir()] + [repo / "data", repo / "tmp"]
+    subprocess.run(["chattr", "+i", *map(str, frozen)], check=True)
+    try:
+        job = s.json("backup", "protection", "backup-now", *item_args(n))
+        done = s.wait(n["rg"], n["vault"], job["name"])["properties"]
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, frozen)], check=True)
+    assert done["status"] == "Failed", done
+    error = done["errorDetails"][0]
+    assert error["errorCode"] == "BackUpOperationFailed", error
+    assert "Operation not permitted" in error["errorString"], error
+    assert error["recommendations"] == ["Retry in a few minutes."]
+    info = bag(done)
+    assert info["Transfer Retries"] == "3", info
+    assert all("(BackUpOperationFailed)" in info[f"Transfer Attempt {i}"] for i in (1, 2, 3))
+    assert rp_names(s, n) == []
+    again = s.wait(n["rg"], n["vault"], s.json("backup", "protection", "backup-now",
+                                               *item_args(n))["name"])["properties"]
+    assert again["status"] == "Completed", again["errorDetails"]
+    assert vault_check(s, n)["ok"] is True
