@@ -82,7 +82,10 @@ def create_app(ctx: Context, runner: jobs.JobRunner, scheduler: Scheduler) -> Fa
             target = arm.parse_date(str(body["now"]), "--time")
             clock.set_offset((target - clock.real_utcnow()).total_seconds())
         elif body.get("advanceSeconds") is not None:
-            clock.set_offset(clock.offset_seconds() + float(body["advanceSeconds"]))
+            step = body["advanceSeconds"]
+            if isinstance(step, bool) or not isinstance(step, int | float):
+                raise invalid("advanceSeconds", "give a number of seconds")
+            clock.set_offset(clock.offset_seconds() + float(step))
         else:
             raise invalid("clock", "give now, advanceSeconds or reset")
         scheduler.wake()

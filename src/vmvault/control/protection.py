@@ -122,13 +122,7 @@ def enable_for_vm(ctx: Context, group: str, vault_name: str, vm: str,
                              source_vm_id=machine.vm_id)
         s.add(item)
         s.flush()
-        now = utcnow()
-        job = Job(vault=vault, item=item, operation="ConfigureBackup", status="Completed",
-                  entity_friendly_name=vm_name, start_time=now, end_time=now,
-                  progress_percent=100)
-        s.add(job)
-        s.flush()
-        return jobs.to_arm(job)
+        return jobs.to_arm(_record_job(s, item, "ConfigureBackup"))
 
 
 def list_items(ctx: Context, group: str, vault_name: str) -> list[dict[str, Any]]:
@@ -253,7 +247,8 @@ def update_item(ctx: Context, group: str, vault_name: str, container: str, item:
                 state: str | None, policy_name: str | None) -> dict[str, Any]:
     """PUT on an existing protected item: stop protection and keep the data
     (protectionState ProtectionStopped), resume it (a policy on a stopped item), or move it
-    to another policy. The scheduler's cursor restarts at now: no slot of the past fires."""
+    to another policy. The schedule goes on from now: no slot of the past is caught up
+    (schedule.restart_cursor)."""
     with ctx.catalog.session() as s:
         vault = vaults.get(s, group, vault_name)
         pi = get_item(s, vault, container, item)

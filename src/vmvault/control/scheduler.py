@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -70,8 +71,6 @@ class Scheduler:
         self._wake.set()
 
     def _loop(self) -> None:
-        import time
-
         while not self._stop.is_set():
             try:
                 self.tick()
@@ -84,7 +83,7 @@ class Scheduler:
                     recoverypoints.apply_retention(self.ctx)
                 except Exception:
                     log.exception("retention pass failed")
-            self._wake.wait(self.ctx.service.scheduler_tick_seconds)
+            self._wake.wait(max(0.05, self.ctx.service.scheduler_tick_seconds))
             self._wake.clear()
 
     # --- one tick -----------------------------------------------------------------------------
@@ -131,7 +130,7 @@ class Scheduler:
             if queued:  # row S3
                 jobs.add_warning(job, VmvaultError(
                     BACKUPS_QUEUED, count=per_group[key], group=item.vm_group,
-                    time=arm.iso(slot), limit=limit))
+                    time=f"{slot:%Y-%m-%d %H:%M} UTC", limit=limit))
             result.append((job.job_id, item.vm_group, queued))
         return result
 
