@@ -308,11 +308,11 @@ def _delete_data(ctx: Context, handle: jobs.JobHandle, item_id: int) -> str:
     with ctx.catalog.session() as s:
         pi = s.get_one(ProtectedItem, item_id)
         rps = list(s.scalars(select(RecoveryPoint).where(RecoveryPoint.item_id == pi.id)))
-        manifests = recoverypoints.remove(ctx, s, rps)
+        removal = recoverypoints.remove(s, rps)
         for job in s.scalars(select(Job).where(Job.item_id == pi.id)):
             job.item_id = None
         s.delete(pi)
-    report = recoverypoints.finish_removal(ctx, manifests)
+    report = recoverypoints.finish_removal(ctx, removal)
     handle.end_task(DELETE_TASK)
     freed = sum(int(r.get("bytesFreed", 0)) for r in report.values())
     handle.set_result(**{"Recovery Points Deleted": str(len(rps)),

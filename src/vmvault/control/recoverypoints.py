@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -59,23 +60,33 @@ def tier(rp: RecoveryPoint) -> str:
         else "VaultStandard"
 
 
-def remove(ctx: Context, s: Session, rps: list[RecoveryPoint]) -> dict[int, list[str]]:
-    """Remove recovery points: the rows now (in `s`); returns {vault id: manifest names} for
-    `finish_removal` to call once `s` is committed."""
-    manifests: dict[int, list[str]] = defaultdict(list)
+@dataclass
+class Removal:
+    """What is left to delete of removed points once their rows are gone (committed)."""
+
+    manifests: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+
+
+def remove(s: Session, rps: list[RecoveryPoint]) -> Removal:
+    """Remove recovery points: their rows now (in `s`); the rest is for `finish_removal`,
+    called once `s` is committed (so a point is never offered without its data)."""
+    removal = Removal()
     for rp in rps:
-        drop_snapshots(ctx, rp.disks)
-        manifests[rp.item.vault_id].append(rp.name)
+        removal.snapshots.extend(d for d in rp.disks if d.get("snapshot"))
+        removal.manifests[rp.item.vault_id].append(rp.name)
         if rp.item.last_snapshots.get("recoveryPoint") == rp.name:
             rp.item.last_snapshots = {}
         s.delete(rp)
-    return manifests
+    return removal
 
 
-def finish_removal(ctx: Context, manifests: dict[int, list[str]]) -> dict[str, Any]:
-    """Delete the manifests of removed points, then collect the vault's garbage."""
+def finish_removal(ctx: Context, removal: Removal) -> dict[str, Any]:
+    """Delete the snapshots and manifests of removed points, then collect the vaults'
+    garbage."""
+    drop_snapshots(ctx, removal.snapshots)
     report: dict[str, Any] = {}
-    for vault_id, names in manifests.items():
+    for vault_id, names in removal.manifests.items():
         with ctx.catalog.session() as s:
             vault = s.get_one(Vault, vault_id)
             name = vault.name
@@ -106,10 +117,10 @@ def apply_retention(ctx: Context) -> dict[str, Any]:
         expired = list(s.scalars(
             select(RecoveryPoint).join(ProtectedItem)
             .where(RecoveryPoint.expiry <= now, ProtectedItem.protection_state != STOPPED)))
-        manifests = remove(ctx, s, expired)
+        removal = remove(s, expired)
         for vault_id, names in _unknown_manifests(s).items():
-            manifests[vault_id].extend(names)
-    return finish_removal(ctx, manifests) if manifests else {}
+            removal.manifests[vault_id].extend(names)
+    return finish_removal(ctx, removal) if removal.manifests else {}
 
 
 def _unknown_manifests(s: Session) -> dict[int, list[str]]:
