@@ -159,6 +159,14 @@ def read_status(ctx: Context, account: str, blob: str) -> dict[str, Any] | None:
     return status if isinstance(status, dict) else None
 
 
+def _fetched(follow: dict[str, Any], heartbeat_age: float | None) -> bool:
+    """The agent fetched the goal state with the task, and was heard from afterwards."""
+    if agents.delivered(follow["vmId"]) < follow["incarnation"]:
+        return False
+    since = agents.seconds_since_delivery(follow["vmId"])
+    return heartbeat_age is not None and since is not None and heartbeat_age <= since
+
+
 def _agent_view(ctx: Context, follow: dict[str, Any]) -> tuple[dict[str, Any] | None,
                                                                  float | None]:
     with ctx.catalog.session() as s:
@@ -212,8 +220,7 @@ def wait(ctx: Context, task_id: str, follow: dict[str, Any]) -> dict[str, Any]:
             if report.get("status") == "error" or report.get("code") not in (None, 0):
                 raise VmvaultError(EXTENSION_FAILED, extension=EXTENSION_NAME, name=name,
                                    reason=_report_reason(report))
-        picked_up = (status is not None or report is not None
-                     or agents.delivered(follow["vmId"]) >= follow["incarnation"])
+        picked_up = status is not None or report is not None or _fetched(follow, age)
         elapsed = time.monotonic() - started
         if picked_up and age is not None and age > ctx.guest.agent_stale_seconds:
             raise VmvaultError(AGENT_NOT_RESPONDING, name=name,

@@ -49,6 +49,7 @@ _goal_state_changed = threading.Condition()
 # The newest goal state incarnation each VM's agent has fetched (this server process's memory):
 # how the backup service knows that the agent took a task up.
 _delivered: dict[str, int] = {}
+_delivered_at: dict[str, float] = {}  # time.monotonic() of the newest delivery
 
 
 # --- where the guest lives --------------------------------------------------------------------
@@ -319,7 +320,9 @@ def goal_state(ctx: Context, vm_id: str, incarnation: int | None, wait: float) -
             state = _goal_state(ctx, vm)
         left = deadline - time.monotonic()
         if incarnation is None or state["incarnation"] != incarnation or left <= 0:
-            _delivered[vm_id] = max(_delivered.get(vm_id, -1), int(state["incarnation"]))
+            if int(state["incarnation"]) > _delivered.get(vm_id, -1):
+                _delivered[vm_id] = int(state["incarnation"])
+                _delivered_at[vm_id] = time.monotonic()
             return state
         with _goal_state_changed:
             _goal_state_changed.wait(timeout=min(left, 2.0))
@@ -328,6 +331,13 @@ def goal_state(ctx: Context, vm_id: str, incarnation: int | None, wait: float) -
 def delivered(vm_id: str) -> int:
     """The newest incarnation the VM's agent has fetched (-1: none since the server started)."""
     return _delivered.get(vm_id, -1)
+
+
+def seconds_since_delivery(vm_id: str) -> float | None:
+    """How long ago the newest incarnation was handed out. An answer to a long poll can go to
+    an agent that died while it waited: only a heartbeat after it shows the agent has it."""
+    at = _delivered_at.get(vm_id)
+    return None if at is None else time.monotonic() - at
 
 
 def _heard_from(agent: VmAgent | None) -> None:
