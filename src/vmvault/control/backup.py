@@ -30,6 +30,7 @@ from vmvault.errors import (
     PREMIUM_STORAGE_QUOTA,
     PROTECTION_STOPPED,
     STORAGE_ACCOUNT_NOT_ONLINE,
+    VAULT_LOCKED,
     VM_NOT_FOUND,
     VM_NOT_IN_DESIRABLE_STATE,
     VM_PROVISIONING_FAILED,
@@ -37,7 +38,7 @@ from vmvault.errors import (
     invalid,
 )
 from vmvault.fabric import agents, vms
-from vmvault.vault import BackupStats, DiskSource, Repository
+from vmvault.vault import BackupStats, DiskSource
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,7 @@ def _retention_of(pi: ProtectedItem, params: dict[str, Any], taken: dt.datetime
     return "OnDemand", arm.parse_date(params["retainUntil"], "retainUntil"), []
 
 
-TRANSIENT = ("CopyingVHDsFromBackUpVaultTakingLongTime", "BackUpOperationFailed",
-             "UserErrorVaultLocked")
+TRANSIENT = (BACKUP_TRANSFER_TIMEOUT.code, BACKUP_INTERNAL.code, VAULT_LOCKED.code)
 
 
 def _transfer(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: str,
@@ -283,7 +283,6 @@ def _transfer_once(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: 
 
     with _vault_locks[vault.id]:
         repo = vaults.open_repository(vault)
-        _drop_manifest(vault, rp_name, repo)  # what an earlier attempt may have written
         sources, incremental = _disk_sources(ctx, disks, previous)
         parent = previous.get("recoveryPoint") if incremental else None
         if parent and parent not in repo.manifests():
@@ -298,10 +297,10 @@ def _transfer_once(ctx: Context, handle: jobs.JobHandle, vault: Vault, rp_name: 
     return stats, parent
 
 
-def _drop_manifest(vault: Vault, rp_name: str, repo: Repository | None = None) -> None:
+def _drop_manifest(vault: Vault, rp_name: str) -> None:
     """Remove a manifest the catalog will not record (a failed or cancelled job's)."""
     try:
-        repo = repo or vaults.open_repository(vault)
+        repo = vaults.open_repository(vault)
         if rp_name in repo.manifests():
             repo.delete_manifest(rp_name)
     except VmvaultError as exc:
